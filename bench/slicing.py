@@ -1,0 +1,62 @@
+"""Latency of the supernet's sliced forward over the exported dense subnet of the same width.
+
+Both run in eval mode on the same input, interleaved repeat by repeat after a warm-up, with a fixed thread count;
+each figure is a median. The last line is `max ratio <value>` over every width and batch size.
+
+    python bench/slicing.py [--img-size 224] [--batch-sizes 1 32] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import dsnet
+
+
+def median_latencies(fns, x, repeats: int, warmup: int) -> list[float]:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns:
+                fn(x)
+        times = [[] for _ in fns]
+        for _ in range(repeats):
+            for fn, t in zip(fns, times):
+                start = time.perf_counter()
+                fn(x)
+                t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--small-input", action="store_true", help="small-input stem (use with --img-size 32)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--widths", type=float, nargs="+", help="subset of the width choices (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = dsnet.create_supernet(num_classes=1000, small_input=args.small_input, img_size=args.img_size).eval()
+    widths = args.widths or list(model.widths)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, medians of {args.repeats}")
+    print(f"{'width':>6} {'batch':>5} {'sliced ms':>10} {'dense ms':>10} {'ratio':>7}")
+    worst = 0.0
+    for batch in args.batch_sizes:
+        x = torch.randn(batch, 3, args.img_size, args.img_size)
+        for w in widths:
+            dense = dsnet.export_subnet(model, w)
+            sliced_s, dense_s = median_latencies([lambda t: model(t, w), dense], x, args.repeats, args.warmup)
+            ratio = sliced_s / dense_s
+            worst = max(worst, ratio)
+            print(f"{w:>6.2f} {batch:>5} {sliced_s * 1e3:>10.2f} {dense_s * 1e3:>10.2f} {ratio:>7.3f}", flush=True)
+    print(f"max ratio {worst:.3f}")
+
+
+if __name__ == "__main__":
+    main()

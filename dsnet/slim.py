@@ -1,0 +1,183 @@
+"""Slice-able layers: the only place in dsnet where weights are sliced.
+
+Every layer holds the weights of its largest width and runs at a narrower one by keeping the *first* k channels.
+The input channel count is read from the input tensor; the output channel count is an explicit argument of the
+call, so no width is ever stored in a module between calls. Each layer can also `export` itself at a given width as
+a plain `torch.nn` layer holding copies of the sliced weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+
+class SlimConv2d(nn.Conv2d):
+    """A convolution whose input and output channels are sliced from the front.
+
+    With ``depthwise=True`` the convolution is depthwise at every width: ``groups`` equals the input channel count
+    of the call and the output channel count follows it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 depthwise: bool = False, bias: bool = False):
+        if depthwise and in_channels != out_channels:
+            raise ValueError(f"a depthwise convolution needs in_channels == out_channels, got {in_channels} and "
+                             f"{out_channels}")
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
+                         groups=in_channels if depthwise else 1, bias=bias)
+        self.depthwise = depthwise
+
+    def sliced_weight(self, in_channels: int, out_channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.depthwise:
+            weight = self.weight[:in_channels]
+            out_channels = in_channels
+        else:
+            weight = self.weight[:out_channels, :in_channels]
+        bias = None if self.bias is None else self.bias[:out_channels]
+        return weight, bias
+
+    def forward(self, x: torch.Tensor, out_channels: int | None = None) -> torch.Tensor:
+        in_channels = x.shape[1]
+        if out_channels is None:
+            out_channels = self.out_channels
+        weight, bias = self.sliced_weight(in_channels, out_channels)
+        groups = in_channels if self.depthwise else 1
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def export(self, in_channels: int, out_channels: int) -> nn.Conv2d:
+        weight, bias = self.sliced_weight(in_channels, out_channels)
+        groups = in_channels if self.depthwise else 1
+        conv = nn.Conv2d(in_channels, weight.shape[0], self.kernel_size, self.stride, self.padding,
+                         groups=groups, bias=bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if bias is not None:
+                conv.bias.copy_(bias)
+        return conv
+
+
+class SlimBatchNorm2d(nn.Module):
+    """BatchNorm with one shared affine, sliced from the front, and private running statistics per slot.
+
+    A *slot* is one set of running statistics: the supernet gives each width choice its own slot, plus one slot for
+    an explicit plan that is not a choice (filled by BN recalibration). Statistics live in ``(num_slots, C)``
+    buffers; slicing a row keeps a contiguous prefix, so ``F.batch_norm`` updates it in place.
+    ``momentum=None`` gives the cumulative average that recalibration uses, as in ``nn.BatchNorm2d``.
+    """
+
+    def __init__(self, num_features: int, num_slots: int, eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__()
+        self.num_features = num_features
+        self.num_slots = num_slots
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_slots, num_features))
+        self.register_buffer("running_var", torch.ones(num_slots, num_features))
+        self.register_buffer("num_batches_tracked", torch.zeros(num_slots, dtype=torch.long))
+
+    def reset_slot(self, slot: int) -> None:
+        self.running_mean[slot].zero_()
+        self.running_var[slot].fill_(1.0)
+        self.num_batches_tracked[slot].zero_()
+
+    def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        c = x.shape[1]
+        factor = 0.0
+        if self.training:
+            self.num_batches_tracked[slot].add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked[slot])
+        return F.batch_norm(x, self.running_mean[slot, :c], self.running_var[slot, :c], self.weight[:c],
+                            self.bias[:c], self.training, factor, self.eps)
+
+    def export(self, channels: int, slot: int) -> nn.BatchNorm2d:
+        bn = nn.BatchNorm2d(channels, eps=self.eps, momentum=0.1 if self.momentum is None else self.momentum)
+        with torch.no_grad():
+            bn.weight.copy_(self.weight[:channels])
+            bn.bias.copy_(self.bias[:channels])
+            bn.running_mean.copy_(self.running_mean[slot, :channels])
+            bn.running_var.copy_(self.running_var[slot, :channels])
+            bn.num_batches_tracked.copy_(self.num_batches_tracked[slot])
+        return bn
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, slots={self.num_slots}, eps={self.eps}, momentum={self.momentum}"
+
+
+class SlimLinear(nn.Linear):
+    """A linear layer whose input features are sliced from the front (the classifier of a slimmable network)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight[:, :x.shape[1]], self.bias)
+
+    def export(self, in_features: int) -> nn.Linear:
+        linear = nn.Linear(in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight[:, :in_features])
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """Adaptive average pooling to 1×1, flattened: works at any channel count."""
+    return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+class SlimSqueezeExcite(nn.Module):
+    """Squeeze-excitation whose channels and reduced channels are both sliced from the front.
+
+    Same arithmetic as ``torchvision.ops.SqueezeExcitation`` (pool → reduce → ReLU → expand → sigmoid → scale),
+    which is what it exports to; parameter names follow timm (``conv_reduce``, ``conv_expand``).
+    """
+
+    def __init__(self, channels: int, reduced_channels: int):
+        super().__init__()
+        self.conv_reduce = SlimConv2d(channels, reduced_channels, 1, bias=True)
+        self.conv_expand = SlimConv2d(reduced_channels, channels, 1, bias=True)
+
+    def forward(self, x: torch.Tensor, reduced_channels: int) -> torch.Tensor:
+        s = F.adaptive_avg_pool2d(x, 1)
+        s = F.relu(self.conv_reduce(s, reduced_channels))
+        s = self.conv_expand(s, x.shape[1])
+        return x * torch.sigmoid(s)
+
+    def export(self, channels: int, reduced_channels: int) -> nn.Module:
+        se = torchvision.ops.SqueezeExcitation(channels, reduced_channels)
+        se.fc1 = self.conv_reduce.export(channels, reduced_channels)
+        se.fc2 = self.conv_expand.export(reduced_channels, channels)
+        return se
+
+
+class WidthPlan:
+    """Explicit channel counts for every channel group of a supernet, in the supernet's group order.
+
+    ``choice`` is the index of the width choice whose plan this is, or None for any other plan; it selects the BN
+    statistics slot. Plans are immutable and hashable; make them with ``supernet.resolve_width``.
+    """
+
+    __slots__ = ("names", "channels", "choice")
+
+    def __init__(self, names: tuple[str, ...], channels: tuple[int, ...], choice: int | None):
+        self.names = names
+        self.channels = channels
+        self.choice = choice
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(zip(self.names, self.channels))
+
+    def __getitem__(self, name: str) -> int:
+        return self.channels[self.names.index(name)]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, WidthPlan) and self.names == other.names and self.channels == other.channels
+
+    def __hash__(self) -> int:
+        return hash(self.channels)
+
+    def __repr__(self) -> str:
+        which = f"choice {self.choice}" if self.choice is not None else "custom"
+        return f"WidthPlan({which}, {self.as_dict()})"

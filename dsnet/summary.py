@@ -1,0 +1,69 @@
+"""`python -m dsnet.summary`: channels, parameters and MAdds of every width choice of a supernet."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import yaml
+
+from .cli import UserError, run_main
+from .madds import count_madds, count_params
+from .mobilenetv2 import SupernetConfig, create_supernet
+
+
+def model_config_from_yaml(path: str) -> dict:
+    """The supernet keys of a YAML recipe (other keys belong to training and are ignored here)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path!r} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path!r} must hold a mapping of keys to values")
+    fields = {f.name for f in dataclasses.fields(SupernetConfig)}
+    return {k.replace("-", "_"): v for k, v in values.items() if k.replace("-", "_") in fields}
+
+
+def summary_rows(model, img_size: int) -> list[dict]:
+    rows = []
+    for width, plan in zip(model.widths, model.choice_plans):
+        rows.append({
+            "width": width,
+            "stem": plan["stem"],
+            "stages": [plan[name] for name in model.stage_names[1:-1]],
+            "head": plan["head"],
+            "params": count_params(model, plan),
+            "madds": count_madds(model, plan, img_size),
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dsnet.summary", description=__doc__)
+    parser.add_argument("-c", "--config", help="YAML recipe; its supernet keys (widths, num_classes, ...) are used")
+    parser.add_argument("--img-size", type=int, help="input resolution for MAdds (default: the config's img_size)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    args = parser.parse_args(argv)
+    model = create_supernet(model_config_from_yaml(args.config) if args.config else None)
+    img_size = args.img_size or model.config.img_size
+    if img_size < 1:
+        raise UserError(f"--img-size must be positive, got {img_size}")
+    rows = summary_rows(model, img_size)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'width':>6} {'stem':>5} {'stage channels':<36} {'head':>5} {'params':>10} {'MAdds':>10}")
+    for r in rows:
+        stages = "/".join(str(c) for c in r["stages"])
+        print(f"{r['width']:>6.2f} {r['stem']:>5} {stages:<36} {r['head']:>5} {r['params'] / 1e6:>9.3f}M "
+              f"{r['madds'] / 1e6:>9.1f}M")
+    print(f"({model.config.num_classes} classes, {img_size}×{img_size} input)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

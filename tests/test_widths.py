@@ -1,0 +1,107 @@
+"""Width travels with the call: forms, validation, determinism and per-width BN statistics."""
+import pytest
+import torch
+
+import dsnet
+
+
+def test_same_width_same_output_and_no_state_left_behind(small_supernet):
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        first = small_supernet(x, 0.5)
+        second = small_supernet(x, 0.5)
+        fresh_k = small_supernet(x, 0.75)
+        small_supernet(x, 0.35)  # a call at width j ...
+        after_j = small_supernet(x, 0.75)  # ... leaves nothing behind for width k
+    assert torch.equal(first, second)
+    assert torch.equal(fresh_k, after_j)
+
+
+def test_every_width_form_resolves_to_the_same_plan(small_supernet):
+    m = small_supernet
+    idx = m.choice_index(0.6)
+    by_multiplier = m.resolve_width(0.6)
+    assert by_multiplier.choice == idx
+    assert m.resolve_width(idx) == by_multiplier
+    assert m.resolve_width([0.6] * len(m.stage_names)) == by_multiplier
+    assert m.resolve_width([idx] * len(m.stage_names)) == by_multiplier
+    assert m.resolve_width(by_multiplier.as_dict()) == by_multiplier
+    assert m.resolve_width(None) == m.resolve_width(1.0) == m.largest
+    assert m.resolve_width(-1) == m.largest
+
+
+def test_per_stage_widths_mix_choices(small_supernet):
+    m = small_supernet
+    widths = [1.0] * 4 + [0.35] * (len(m.stage_names) - 4)
+    plan = m.resolve_width(widths)
+    assert plan.choice is None
+    assert plan["stem"] == m.largest["stem"] and plan["head"] == m.largest["head"]
+    assert plan["blocks.5"] == m.smallest["blocks.5"]
+    # the expansion width follows the rounded input width: first block of stage 3 reads stage 2's full stream
+    assert plan["blocks.3.0.hidden"] == m.largest["blocks.3.0.hidden"]
+    assert plan["blocks.3.1.hidden"] == m.smallest["blocks.3.1.hidden"]
+
+
+@pytest.mark.parametrize("width,message", [
+    ({"stem": 8}, "lacks layer"),
+    ({"nonsense": 3}, "unknown layer(s) ['nonsense']"),
+    (2.0, "allowed: (0, 1.0]"),
+    (99, "out of range"),
+    ([0.5, 0.5], "per-stage widths need"),
+    ("wide", "width must be"),
+])
+def test_bad_widths_raise_value_error(small_supernet, width, message):
+    with pytest.raises(ValueError, match=None) as info:
+        small_supernet.resolve_width(width)
+    assert message in str(info.value)
+
+
+def test_plan_channel_out_of_range_names_the_layer_and_allowed_values(small_supernet):
+    plan = small_supernet.largest.as_dict()
+    plan["blocks.3.1.hidden"] = 10_000
+    with pytest.raises(ValueError, match=r"layer 'blocks.3.1.hidden' 10000 channels; allowed: 1\.\.384"):
+        small_supernet.resolve_width(plan)
+    plan["blocks.3.1.hidden"] = 0
+    with pytest.raises(ValueError, match=r"'blocks.3.1.hidden' 0 channels"):
+        small_supernet.resolve_width(plan)
+
+
+def test_each_width_keeps_its_own_bn_statistics():
+    model = dsnet.create_supernet(num_classes=10, small_input=True, widths=[0.5, 0.75, 1.0])
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.train()
+    model(torch.randn(4, 3, 32, 32) * 3 + 1, 0.75)
+    after = {k: v for k, v in model.state_dict().items() if "running" in k}
+    for key in before:
+        changed = (before[key] != after[key]).any(dim=-1) if before[key].dim() > 1 else None
+        assert changed is not None
+        assert changed.tolist() == [False, True, False, False], key  # slots: 0.5, 0.75, 1.0, custom
+
+
+def test_uncollected_custom_plan_is_refused_in_eval_and_recalibration_touches_only_its_slot():
+    model = dsnet.create_supernet(num_classes=10, small_input=True, widths=[0.5, 1.0]).eval()
+    plan = model.resolve_width(0.7)
+    assert plan.choice is None
+    with pytest.raises(ValueError, match="never collected"):
+        model(torch.randn(1, 3, 32, 32), plan)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    used = dsnet.recalibrate_bn(model, plan, [torch.randn(4, 3, 32, 32) + 2 for _ in range(3)])
+    assert used == 3
+    for key, value in model.state_dict().items():
+        if key.endswith(("running_mean", "running_var")):
+            assert torch.equal(value[:2], state[key][:2]), key
+            assert not torch.equal(value[2], state[key][2]), key
+        elif key != "calibrated_plan" and not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, state[key]), key
+    model(torch.randn(1, 3, 32, 32), plan)  # now allowed
+
+
+def test_recalibration_is_the_exact_average_over_batches():
+    model = dsnet.create_supernet(num_classes=10, small_input=True, widths=[0.5, 1.0]).eval()
+    batches = [torch.randn(4, 3, 32, 32) * (i + 1) for i in range(3)]
+    dsnet.recalibrate_bn(model, 0.5, batches)
+    stem = model.conv_stem
+    means = [stem(b, model.smallest["stem"]).mean(dim=(0, 2, 3)) for b in batches]
+    expected = torch.stack(means).mean(0)
+    got = model.bn1.running_mean[0, :model.smallest["stem"]]
+    assert torch.allclose(got, expected, atol=1e-5)
