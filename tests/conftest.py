@@ -43,3 +43,42 @@ def randomize_bn(model: torch.nn.Module) -> None:
                 module.bias.uniform_(-0.2, 0.2)
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 2.0)
+
+
+DIGITS_MODEL = dict(widths=[0.35, 0.5, 0.75, 1.0], num_classes=10, small_input=True, img_size=16)
+DIGITS_DATA = dict(data="digits", img_size=16, crop_pct=1.0, crop_scale_min=0.6)
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory):
+    """Path of a checkpoint of a small supernet trained briefly on digits (every width well above chance).
+
+    Trained with a plain loop (every width, cross-entropy, cosine learning rate), then BN recalibrated per width,
+    so the tests of evaluation, export and search do not depend on the stage-I trainer.
+    """
+    from dsnet.checkpoint import save_checkpoint
+    from dsnet.data import DataOptions, build_dataset, build_loader, calibration_batches
+
+    torch.manual_seed(0)
+    model = dsnet.create_supernet(**DIGITS_MODEL)
+    train = build_dataset(DataOptions(**DIGITS_DATA), train=True)
+    loader = build_loader(train, batch_size=64, train=True, seed=0)
+    epochs = 3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-5)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
+    model.train()
+    for _epoch in range(epochs):
+        for images, targets in loader:
+            optimizer.zero_grad()
+            for i in range(len(model.widths)):
+                torch.nn.functional.cross_entropy(model(images, i), targets).backward()
+            optimizer.step()
+            schedule.step()
+    batches = calibration_batches(DataOptions(**DIGITS_DATA), num_batches=8, batch_size=64)
+    for i in range(len(model.widths)):
+        dsnet.recalibrate_bn(model, i, batches)
+    path = tmp_path_factory.mktemp("digits") / "checkpoint.pth"
+    config = {"stage": "supernet", **DIGITS_DATA, **DIGITS_MODEL, "batch_size": 64}
+    save_checkpoint(path, {"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None,
+                           "config": config, "epoch": epochs})
+    return path
