@@ -1,6 +1,10 @@
-"""Train a dsnet supernet (stage I) or its gate (stage II). Not yet available in this version."""
-import sys
+"""Train a dsnet supernet: `python train.py --stage supernet [-c configs/digits.yaml] [--flags]`.
+
+Stage I trains every width of the supernet with sandwich sampling and in-place ensemble bootstrapping from an EMA
+teacher. Defaults train on the built-in digits set; `torchrun --nproc_per_node=N train.py …` trains distributed.
+"""
+from dsnet.cli import run_main
+from dsnet.train import main
 
 if __name__ == "__main__":
-    print("error: train.py is not yet available in this version of dsnet", file=sys.stderr)
-    sys.exit(2)
+    run_main(main)

@@ -1,6 +1,7 @@
 """What every dsnet command line shares: one-line errors for a user's mistakes, and atomic file writes."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -11,6 +12,13 @@ from typing import Callable, Iterator
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, with exit status 2, never as a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (`error: …`) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

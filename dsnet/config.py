@@ -1,0 +1,225 @@
+"""Run configuration: defaults ← YAML recipe (`-c`) ← command-line flags, one flat set of keys.
+
+The defaults are the digits recipe (`configs/digits.yaml` spells them out), so the bare command trains on the
+built-in dataset in minutes on a CPU; the other recipes set every key that differs.
+
+Every key is a command-line flag (`num_random_widths` is `--num-random-widths`); a recipe may only use known keys.
+The merged config is saved with the run as `args.yaml` and inside every checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .cli import UserError
+from .data import DATASETS, DataOptions
+from .mobilenetv2 import SupernetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    name: str
+    default: Any
+    help: str
+    type: Any = None  # str, int, float, bool, "floats", "ints"; None: from the default
+    choices: tuple | None = None
+
+
+KEYS: tuple[Key, ...] = (
+    # what to train
+    Key("stage", "supernet", "supernet: stage I (sandwich + in-place bootstrapping); gate: stage II", str,
+        ("supernet", "gate")),
+    Key("output", None, "run directory (default: runs/<stage>-<data>)", str),
+    Key("resume", None, "checkpoint to resume from (restores model, EMA, optimizer, scheduler, RNG, epoch)", str),
+    Key("overwrite", False, "allow writing into an output directory that holds another run"),
+    Key("init", None, "stage II: the stage-I checkpoint to start from", str),
+    Key("seed", 0, "seed of weights, data order, augmentation and sampled widths"),
+    Key("device", None, "cpu, cuda, cuda:1, ... (default: cuda when available)", str),
+    # data
+    Key("data", "digits", "dataset", str, DATASETS),
+    Key("data_dir", None, "dataset root (torchvision layout, or DIR/train and DIR/val for imagefolder)", str),
+    Key("download", False, "let torchvision download the dataset where a network exists"),
+    Key("img_size", 16, "input resolution"),
+    Key("crop_scale_min", 0.6, "training random-resized crop keeps at least this fraction of the image"),
+    Key("crop_pct", 1.0, "evaluation: resize to img_size / crop_pct, then center-crop (timm uses 0.875)",
+        float),
+    Key("hflip", None, "horizontal flip probability (default: 0.5 where mirroring keeps the label, else 0)", float),
+    Key("randaugment", None, "timm RandAugment spec, e.g. rand-m9-mstd0.5", str),
+    Key("reprob", 0.0, "random erasing probability"),
+    Key("color_jitter", 0.0, "color jitter strength"),
+    Key("batch_size", 64, "images per step on each process"),
+    Key("val_batch_size", 256, "images per validation batch"),
+    Key("workers", 0, "data-loader worker processes"),
+    # model
+    Key("widths", list(SupernetConfig().widths), "width multipliers of the supernet, increasing", "floats"),
+    Key("num_classes", None, "number of classes (default: the dataset's)", int),
+    Key("small_input", True, "small-input stem for ~32 px images (stem and second stage at stride 1)"),
+    Key("dropout", 0.0, "dropout before the classifier"),
+    Key("se_ratio", 0.0, "squeeze-excitation in every block (0: none)"),
+    # the sandwich
+    Key("num_random_widths", 2, "random widths between the largest and the smallest in every step"),
+    Key("ensemble_smallest", True, "smallest width learns from the mean of the teacher's outputs of the step"),
+    Key("ema", True, "EMA teacher (in-place bootstrapping); without it, distil from the live largest width"),
+    Key("ema_decay", 0.99, "EMA decay per optimizer update"),
+    Key("ema_warmup", True, "ramp the EMA decay up from 0 (timm ModelEmaV3 warm-up) for short runs"),
+    Key("label_smoothing", 0.1, "label smoothing of the largest width's cross-entropy"),
+    # optimisation
+    Key("epochs", 12, "epochs of the learning-rate schedule"),
+    Key("epoch_limit", None, "stop after this many epochs in this run (resume later); the schedule is unchanged",
+        int),
+    Key("opt", "sgd", "timm optimizer name (sgd is SGD with Nesterov momentum)", str),
+    Key("lr", None, "learning rate (default: lr_base · global batch / lr_base_size)", float),
+    Key("lr_base", 0.08, "learning rate per lr_base_size images"),
+    Key("lr_base_size", 512, "batch size lr_base refers to"),
+    Key("momentum", 0.9, "optimizer momentum"),
+    Key("weight_decay", 1e-4, "weight decay (not applied to BN and biases)"),
+    Key("sched", "cosine", "timm scheduler name", str),
+    Key("warmup_epochs", 1, "linear warm-up epochs"),
+    Key("warmup_lr", 1e-5, "learning rate at the start of warm-up"),
+    Key("min_lr", 0.0, "floor of the schedule"),
+    Key("clip_grad", None, "clip the gradient norm to this value", float),
+    Key("accum_steps", 1, "micro-batches per optimizer update"),
+    Key("amp", False, "mixed precision: bf16 autocast on CPU, fp16 with a GradScaler on CUDA"),
+    # validation and logging
+    Key("val_widths", None, "widths validated each epoch (default: smallest, middle, largest)", "floats"),
+    Key("val_every", 1, "validate every k epochs (and after the last)"),
+    Key("best_metric", "ema_val_top1@smallest",
+        "summary column that picks best.pth; @smallest/@middle/@largest or a width, e.g. val_top1@0.5", str),
+    Key("log_interval", 20, "steps between progress-bar updates of the loss"),
+)
+KEYS_BY_NAME = {k.name: k for k in KEYS}
+FLOATS, INTS = "floats", "ints"
+
+
+def _key_type(key: Key):
+    if key.type is not None:
+        return key.type
+    return type(key.default)
+
+
+def defaults() -> dict[str, Any]:
+    return {k.name: (list(k.default) if isinstance(k.default, list) else k.default) for k in KEYS}
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    from .cli import ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", help="YAML recipe; its keys are the long flags below, with underscores")
+    for key in KEYS:
+        flag = "--" + key.name.replace("_", "-")
+        kind = _key_type(key)
+        help_text = f"{key.help} (default: {key.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind == FLOATS:
+            parser.add_argument(flag, type=float, nargs="+", metavar="W", help=help_text)
+        elif kind == INTS:
+            parser.add_argument(flag, type=int, nargs="+", help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, choices=key.choices, help=help_text)
+    return parser
+
+
+def load_recipe(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path!r} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path!r} must hold a mapping of keys to values")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(KEYS_BY_NAME))
+    if unknown:
+        raise UserError(f"unknown config key(s) {unknown} in {path}; valid keys: {', '.join(KEYS_BY_NAME)}")
+    return {name: _coerce(KEYS_BY_NAME[name], value, path) for name, value in values.items()}
+
+
+def _coerce(key: Key, value: Any, source: str) -> Any:
+    """Check a recipe value's type the way argparse checks a flag's."""
+    if value is None:
+        return None
+    kind = _key_type(key)
+    try:
+        if kind in (FLOATS, INTS):
+            items = value if isinstance(value, list) else [value]
+            return [float(v) if kind == FLOATS else int(v) for v in items]
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind is float:
+            return float(value)
+        if kind is int:
+            if isinstance(value, bool) or int(value) != value:
+                raise TypeError
+            return int(value)
+        value = str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key {key.name!r} in {source} must be {_type_name(kind)}, got {value!r}") from None
+    if key.choices and value not in key.choices:
+        raise UserError(f"config key {key.name!r} in {source} must be one of {list(key.choices)}, got {value!r}")
+    return value
+
+
+def _type_name(kind) -> str:
+    return {FLOATS: "a list of numbers", INTS: "a list of integers", bool: "true or false", float: "a number",
+            int: "an integer", str: "a string"}[kind]
+
+
+def parse_config(argv: list[str] | None, prog: str = "train.py", description: str = "") -> tuple[dict, set[str]]:
+    """Merge defaults, the `-c` recipe and the flags. Returns the config and the keys the user set explicitly."""
+    args = vars(build_parser(prog, description).parse_args(argv))
+    recipe_path = args.pop("config", None)
+    config = defaults()
+    explicit: set[str] = set()
+    if recipe_path:
+        recipe = load_recipe(recipe_path)
+        config.update(recipe)
+        explicit |= set(recipe)
+    config.update(args)
+    explicit |= set(args)
+    validate(config)
+    return config, explicit
+
+
+def validate(config: dict[str, Any]) -> None:
+    positive = ("img_size", "batch_size", "val_batch_size", "epochs", "accum_steps", "val_every", "log_interval",
+                "lr_base_size")
+    for name in positive:
+        if config[name] is None or config[name] < 1:
+            raise UserError(f"{name} must be a positive integer, got {config[name]}")
+    if config["num_random_widths"] < 0:
+        raise UserError(f"num_random_widths must be ≥ 0, got {config['num_random_widths']}")
+    if config["workers"] < 0:
+        raise UserError(f"workers must be ≥ 0, got {config['workers']}")
+    if not 0.0 <= config["ema_decay"] < 1.0:
+        raise UserError(f"ema_decay must be in [0, 1), got {config['ema_decay']}")
+    if config["epoch_limit"] is not None and config["epoch_limit"] < 1:
+        raise UserError(f"epoch_limit must be a positive integer, got {config['epoch_limit']}")
+    try:
+        SupernetConfig.from_dict(model_config(config, num_classes=config["num_classes"] or 1)).validate()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def model_config(config: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """The supernet's part of a run config."""
+    return {"widths": config["widths"], "num_classes": num_classes, "img_size": config["img_size"],
+            "small_input": config["small_input"], "dropout": config["dropout"], "se_ratio": config["se_ratio"]}
+
+
+def data_options(config: dict[str, Any]) -> DataOptions:
+    return DataOptions.from_config(config)
+
+
+def to_yaml(config: dict[str, Any]) -> str:
+    return yaml.safe_dump(config, sort_keys=False)

@@ -1,0 +1,101 @@
+"""Stage I: one sandwich step with in-place ensemble bootstrapping (IEB).
+
+Every step trains, on the same batch, the largest width, N random widths in between and the smallest width, and
+the optimizer then takes one step on the summed gradients:
+
+- the largest width learns from the labels (cross-entropy, label smoothing);
+- each random width learns from the EMA teacher's softmax at the largest width;
+- the smallest width learns from the mean of the teacher's softmax at the largest width and at the random widths
+  of this step (ensemble), or from the teacher's largest alone.
+
+Without an EMA teacher the targets come from the live largest width's detached output (in-place distillation).
+Each width's loss is backpropagated as soon as it is computed, so only one width's activations are alive at once.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def sandwich_widths(num_choices: int, num_random: int, seed: int, step: int) -> list[int]:
+    """Choice indices of one step: largest, `num_random` distinct random ones in between (widest first), smallest.
+
+    Drawn from a generator seeded by (seed, step) alone, so every process and every resumed run draws the same.
+    """
+    largest, smallest = num_choices - 1, 0
+    middle = list(range(1, num_choices - 1))
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    if num_random <= len(middle):
+        picks = torch.randperm(len(middle), generator=generator)[:num_random]
+    else:  # more random widths than choices in between: draw with replacement
+        picks = torch.randint(len(middle), (num_random,), generator=generator) if middle else torch.tensor([])
+    random_widths = sorted((middle[i] for i in picks.tolist()), reverse=True)
+    widths = [largest, *random_widths]
+    if smallest != largest:
+        widths.append(smallest)
+    return widths
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-target_probs * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+@dataclass
+class SandwichLosses:
+    total: float  # the sum that was backpropagated (before any division for gradient accumulation)
+    per_width: list[tuple[int, float]]  # (choice index, its loss) in the order trained
+
+
+def sandwich_step(model: nn.Module, teacher: nn.Module | None, images: torch.Tensor, targets: torch.Tensor,
+                  widths: list[int], label_smoothing: float = 0.0, ensemble_smallest: bool = True,
+                  backward: Callable[[torch.Tensor, bool], None] | None = None,
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                  ) -> SandwichLosses:
+    """Forward and backward of one sandwich; the caller steps the optimizer.
+
+    `widths` comes from `sandwich_widths`: largest first, smallest last. `backward(loss, is_last)` runs the
+    backward pass (default `loss.backward()`); the trainer uses it for loss scaling and gradient accumulation.
+    Under DistributedDataParallel each width's backward reduces the gradients accumulated so far, which keeps
+    the sum exact.
+    """
+    backward = backward or (lambda loss, is_last: loss.backward())
+    largest, random_widths = widths[0], widths[1:-1] if len(widths) > 2 else []
+    smallest = widths[-1] if len(widths) > 1 else None
+
+    teacher_probs: dict[int, torch.Tensor] = {}
+    if teacher is not None and len(widths) > 1:  # a single width learns from the labels alone
+        with torch.no_grad(), autocast():
+            for w in [largest, *(random_widths if ensemble_smallest else [])]:
+                teacher_probs[w] = F.softmax(teacher(images, w).float(), dim=-1)
+
+    per_width: list[tuple[int, float]] = []
+    with autocast():
+        logits = model(images, largest)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    if teacher is None:
+        teacher_probs[largest] = F.softmax(logits.detach().float(), dim=-1)
+    backward(loss, smallest is None)
+    per_width.append((largest, loss.item()))
+
+    for w in random_widths:
+        with autocast():
+            loss = soft_cross_entropy(model(images, w).float(), teacher_probs[largest])
+        backward(loss, False)
+        per_width.append((w, loss.item()))
+
+    if smallest is not None:
+        if ensemble_smallest and teacher is not None:
+            target = torch.stack([teacher_probs[w] for w in [largest, *random_widths]]).mean(0)
+        else:
+            target = teacher_probs[largest]
+        with autocast():
+            loss = soft_cross_entropy(model(images, smallest).float(), target)
+        backward(loss, True)
+        per_width.append((smallest, loss.item()))
+
+    return SandwichLosses(sum(v for _, v in per_width), per_width)

@@ -1,0 +1,63 @@
+"""The stage-I step: sandwich sampling and in-place ensemble bootstrapping, against hand-computed losses."""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+import dsnet
+from dsnet.supernet import sandwich_step, sandwich_widths
+
+
+def test_sandwich_widths_depend_only_on_seed_and_step():
+    draws = [sandwich_widths(14, 2, seed=5, step=s) for s in range(20)]
+    assert draws == [sandwich_widths(14, 2, seed=5, step=s) for s in range(20)]
+    for widths in draws:
+        assert widths[0] == 13 and widths[-1] == 0 and len(widths) == 4
+        assert 0 < widths[2] < widths[1] < 13  # distinct, widest first
+    assert len({tuple(w) for w in draws}) > 10  # they differ between steps
+    assert sandwich_widths(14, 2, seed=6, step=0) != sandwich_widths(14, 2, seed=5, step=0) or \
+        sandwich_widths(14, 2, seed=6, step=1) != sandwich_widths(14, 2, seed=5, step=1)
+    middles = {w for s in range(200) for w in sandwich_widths(14, 2, seed=0, step=s)[1:-1]}
+    assert middles == set(range(1, 13))  # every width in between is drawn
+
+
+def test_step_loss_and_gradients_equal_the_hand_computed_sandwich():
+    torch.manual_seed(0)
+    model = dsnet.create_supernet(widths=[0.35, 0.5, 0.75, 1.0], num_classes=10, small_input=True).train()
+    teacher = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # a teacher that differs from the student
+    images, targets = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    widths = [3, 2, 1, 0]
+
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        t3, t2, t1 = (F.softmax(teacher(images, w), -1) for w in (3, 2, 1))
+
+    def soft_ce(logits, p):
+        return -(p * F.log_softmax(logits, -1)).sum(-1).mean()
+
+    expected = (F.cross_entropy(reference(images, 3), targets, label_smoothing=0.1)
+                + soft_ce(reference(images, 2), t3) + soft_ce(reference(images, 1), t3)
+                + soft_ce(reference(images, 0), (t3 + t2 + t1) / 3))
+    expected.backward()
+
+    losses = sandwich_step(model, teacher, images, targets, widths, label_smoothing=0.1, ensemble_smallest=True)
+    assert abs(losses.total - expected.item()) < 1e-5
+    assert [w for w, _ in losses.per_width] == widths
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+def test_without_ensemble_or_teacher_the_targets_fall_back():
+    torch.manual_seed(0)
+    model = dsnet.create_supernet(widths=[0.35, 0.5, 1.0], num_classes=10, small_input=True).train()
+    images, targets = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    reference = copy.deepcopy(model)
+    largest = reference(images, 2)
+    live = F.softmax(largest.detach(), -1)  # in-place distillation from the live largest width
+    expected = (F.cross_entropy(largest, targets) - (live * F.log_softmax(reference(images, 1), -1)).sum(-1).mean()
+                - (live * F.log_softmax(reference(images, 0), -1)).sum(-1).mean())
+    losses = sandwich_step(model, None, images, targets, [2, 1, 0], ensemble_smallest=True)
+    assert abs(losses.total - expected.item()) < 1e-5

@@ -1,0 +1,152 @@
+"""The stage-I trainer end to end on digits: EMA, resume, distributed, NaN, bad input."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dsnet.checkpoint import load_checkpoint
+from dsnet.config import parse_config
+from dsnet.engine import Trainer, TrainingDiverged
+from dsnet.supernet import sandwich_step, sandwich_widths
+
+REPO = Path(__file__).resolve().parent.parent
+# Small and fast: 8 px digits, four widths, big batches.
+TINY = ["--img-size", "8", "--widths", "0.35", "0.5", "0.75", "1.0", "--batch-size", "256", "--val-batch-size",
+        "512", "--warmup-epochs", "0", "--log-interval", "1000"]
+
+
+def make_trainer(tmp_path, *flags, name="run"):
+    config, explicit = parse_config([*TINY, "--output", str(tmp_path / name), *flags])
+    return Trainer(config, explicit)
+
+
+def run_cli(*args, cwd=REPO):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_ema_after_one_update_is_the_decayed_average(tmp_path):
+    trainer = make_trainer(tmp_path, "--ema-decay", "0.9", "--no-ema-warmup")
+    old_ema = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
+    images, targets = next(iter(trainer.train_loader))
+    sandwich_step(trainer.model, trainer.ema.module, images, targets, sandwich_widths(4, 2, 0, 0))
+    trainer.step = 1
+    trainer._update(epoch=0)
+    new_model = trainer.model.state_dict()
+    changed = 0
+    for key, ema_value in trainer.ema.module.state_dict().items():
+        if ema_value.is_floating_point():
+            expected = 0.9 * old_ema[key] + 0.1 * new_model[key]
+            assert torch.allclose(ema_value, expected, atol=1e-6), key
+            changed += not torch.equal(ema_value, old_ema[key])
+    assert changed > 0
+
+
+def test_resume_is_exact(tmp_path):
+    straight = make_trainer(tmp_path, "--epochs", "3", name="straight")
+    straight.run()
+    first = make_trainer(tmp_path, "--epochs", "3", "--epoch-limit", "2", name="split")
+    first.run()
+    assert load_checkpoint(tmp_path / "split" / "last.pth")["epoch"] == 1
+    config, explicit = parse_config(["--resume", str(tmp_path / "split" / "last.pth")])
+    resumed = Trainer(config, explicit)
+    assert resumed.start_epoch == 2
+    resumed.run()
+    a = load_checkpoint(tmp_path / "straight" / "last.pth")
+    b = load_checkpoint(tmp_path / "split" / "last.pth")
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.allclose(a[part][key].double(), b[part][key].double(), atol=1e-6), (part, key)
+    summary = (tmp_path / "split" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 4 and "ema_val_top1@0.35" in summary[0] and "val_top1@1.0" in summary[0]
+    assert yaml.safe_load((tmp_path / "split" / "args.yaml").read_text())["epochs"] == 3
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, "--epochs", "3", name="nan")
+    original = Trainer.train_one_epoch
+
+    def poisoned(self, epoch):
+        if epoch == 1:  # after one good epoch, a weight turns NaN
+            with torch.no_grad():
+                self.model.classifier.weight.fill_(float("nan"))
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2"):
+        trainer.run()
+    kept = load_checkpoint(tmp_path / "nan" / "last.pth")
+    assert kept["epoch"] == 0
+    assert torch.isfinite(kept["model"]["classifier.weight"]).all()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "cifar10"], "needs --data-dir"),
+    (["--data", "imagenet21k"], "invalid choice"),
+    (["--data", "cifar10", "--data-dir", "/no/such/dir"], "does not exist"),
+    (["--stage", "gate"], "not yet available"),
+    (["--epochs", "0"], "epochs must be a positive integer"),
+])
+def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message):
+    result = run_cli(*args, "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_recipe_key_lists_the_valid_ones(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("epochs: 2\nlearning_rate: 0.1\n")
+    result = run_cli("-c", str(recipe), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "unknown config key(s) ['learning_rate']" in result.stderr and "lr_base" in result.stderr
+
+
+def test_corrupt_resume_file_and_occupied_output_are_refused(tmp_path):
+    make_trainer(tmp_path, "--epochs", "1", name="done").run()
+    last = tmp_path / "done" / "last.pth"
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(last.read_bytes()[:1000])
+    result = run_cli("--resume", str(truncated), "--output", str(tmp_path / "other"))
+    assert result.returncode == 2 and "corrupt or truncated" in result.stderr and result.stderr.count("\n") == 1
+    result = run_cli(*TINY, "--output", str(tmp_path / "done"))
+    assert result.returncode == 2 and "holds another run" in result.stderr and result.stderr.count("\n") == 1
+    assert torch.equal(load_checkpoint(last)["model"]["conv_stem.weight"],
+                       torch.load(last, weights_only=False)["model"]["conv_stem.weight"])
+
+
+DDP_WORKER = """
+import os, sys, torch
+from dsnet.config import parse_config
+from dsnet.engine import Trainer
+config, explicit = parse_config(sys.argv[1:])
+trainer = Trainer(config, explicit)
+trainer.run()
+torch.save(trainer.model.state_dict(), os.environ["DUMP_PREFIX"] + "-rank" + os.environ["RANK"] + ".pt")
+"""
+
+
+def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                             "29517", str(worker), *TINY, "--epochs", "1", "--output", str(out)],
+                            cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rank0 = torch.load(f"{out}-rank0.pt")
+    rank1 = torch.load(f"{out}-rank1.pt")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert result.stdout.count("epoch 1/1") == 1  # the epoch line comes from rank 0 only
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events")) == \
+        ["args.yaml", "best.pth", "last.pth", "summary.csv"]
