@@ -1,6 +1,6 @@
-"""Evaluate a dsnet checkpoint (sweep, static, dynamic). Not yet available in this version."""
-import sys
+"""Evaluate a dsnet checkpoint: accuracy, loss, size, MAdds and latency per width. See `python eval.py --help`."""
+from dsnet.cli import run_main
+from dsnet.evaluate import main
 
 if __name__ == "__main__":
-    print("error: eval.py is not yet available in this version of dsnet", file=sys.stderr)
-    sys.exit(2)
+    run_main(main)

@@ -1,0 +1,520 @@
+"""`python eval.py`: accuracy, loss, size, MAdds and latency of a supernet checkpoint, one row per subnet.
+
+Modes: ``sweep`` measures every width choice (or a ``--widths`` subset); ``static`` one subnet, a width choice
+(``--width``) or a per-layer plan file (``--plan``); ``dynamic`` the gated network, which needs a checkpoint with a
+gate. Accuracy and loss come from the supernet's forward at the row's width (equal to the exported dense subnet to
+1e-5); latency is measured on the exported dense subnet, which is what a user deploys.
+
+The report (``--json``) is one object::
+
+    {
+      "format": "dsnet-eval", "version": 1,
+      "checkpoint": str, "mode": "sweep" | "static", "weights": "ema" | "model",
+      "dataset": str, "data_dir": str | null, "split": "val", "num_samples": int,
+      "img_size": int, "num_classes": int, "device": str, "threads": int,
+      "latency": null (not measured) | {"batch_size": N, "repeats": int, "warmup": int},
+      "rows": [
+        {
+          "kind": "width" | "plan",        # a width choice, or a per-layer plan that is not one
+          "label": str,                    # "0.35", or the plan file's name
+          "width": float | null,           # the multiplier; null for a per-layer plan
+          "plan": {group: channels},       # rows of kind "plan" only
+          "top1": float, "top5": float,    # percent; top-5 is top-k with k = min(5, classes)
+          "loss": float,                   # mean cross-entropy per image
+          "params": int, "madds": int,     # dense subnet; MAdds of one image at img_size
+          "latency_ms_b1": float | null,   # median milliseconds per batch of 1 ...
+          "latency_ms_bN": float | null,   # ... and per batch of latency.batch_size; null when not measured
+          "bn_recalibration_batches": int  # 0: BN statistics as stored in the checkpoint
+        }, ...
+      ]
+    }
+
+Rows are plain dicts: other kinds of rows may carry more keys. ``--csv`` holds the rows with the same keys as
+columns (``plan`` as compact JSON, null as an empty cell). `validate_report` checks a report against these keys.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from timm.utils import accuracy
+from tqdm import tqdm
+
+from .calibrate import recalibrate_bn
+from .checkpoint import load_checkpoint, supernet_from_checkpoint
+from .cli import UserError, write_text_atomic
+from .data import DataOptions, build_dataset, build_loader, calibration_batches, num_classes_of
+from .export import export_subnet
+from .madds import count_madds, count_params
+from .mobilenetv2 import DSMobileNetV2
+from .plans import load_plan
+from .slim import WidthPlan
+
+REPORT_FORMAT = "dsnet-eval"
+REPORT_VERSION = 1
+DEFAULT_RECALIBRATION_BATCHES = 8
+MODES = ("sweep", "static", "dynamic")
+
+# ---- measuring ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatencyOptions:
+    batch_size: int = 32
+    repeats: int = 10
+    warmup: int = 3
+
+
+@torch.inference_mode()
+def evaluate_accuracy(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: torch.device,
+                      progress: tqdm | None = None) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) and mean cross-entropy of `forward` over every batch of `loader`."""
+    correct1 = correct5 = 0
+    loss_sum = 0.0
+    count = 0
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        logits = forward(images).float()
+        n = len(targets)
+        top1, top5 = accuracy(logits, targets, topk=(1, 5))
+        # timm gives percentages of the batch; back to counts so the totals are exact
+        correct1 += round(top1.item() * n / 100)
+        correct5 += round(top5.item() * n / 100)
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        count += n
+        if progress is not None:
+            progress.update(1)
+    if count == 0:
+        raise UserError("the evaluation dataset is empty")
+    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss_sum / count}
+
+
+@torch.inference_mode()
+def measure_latency_ms(module: torch.nn.Module, input_shape: tuple[int, ...], device: torch.device,
+                       repeats: int, warmup: int) -> float:
+    """Median wall time in milliseconds of one forward of `module` on a batch of `input_shape`, after warm-up."""
+    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        module(x)
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        module(x)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def has_bn_statistics(model: DSMobileNetV2, plan: WidthPlan) -> bool:
+    """Whether the model holds BN statistics for `plan`: every width choice does, a custom plan only once calibrated."""
+    # Read the buffer directly: model.stats_slot would reset the custom slot if the model were in training mode.
+    return plan.choice is not None or tuple(model.calibrated_plan.tolist()) == plan.channels
+
+
+def width_label(model: DSMobileNetV2, plan: WidthPlan) -> str:
+    return f"{model.widths[plan.choice]:g}" if plan.choice is not None else "plan"
+
+
+def subnet_row(model: DSMobileNetV2, plan: WidthPlan, loader: Iterable, device: torch.device, img_size: int, *,
+               label: str | None = None, calibration: list | None = None, latency: LatencyOptions | None = None,
+               progress: tqdm | None = None) -> dict[str, Any]:
+    """Measure the supernet at one width: a report row.
+
+    With `calibration` (a list of training batches) the width's BN statistics are re-estimated first; only its
+    statistics slot changes. Latency (when `latency` is given) is that of the exported dense subnet.
+    """
+    recalibrated = recalibrate_bn(model, plan, calibration) if calibration else 0
+    model.eval()
+    row: dict[str, Any] = {"kind": "width" if plan.choice is not None else "plan",
+                           "label": label or width_label(model, plan),
+                           "width": model.widths[plan.choice] if plan.choice is not None else None}
+    if plan.choice is None:
+        row["plan"] = plan.as_dict()
+    row.update(evaluate_accuracy(lambda x: model(x, plan), loader, device, progress))
+    row["params"] = count_params(model, plan)
+    row["madds"] = count_madds(model, plan, img_size)
+    row["latency_ms_b1"] = row["latency_ms_bN"] = None
+    if latency is not None:
+        dense = export_subnet(model, plan).to(device)
+        shape = (model.config.in_chans, img_size, img_size)
+        row["latency_ms_b1"] = measure_latency_ms(dense, (1, *shape), device, latency.repeats, latency.warmup)
+        row["latency_ms_bN"] = measure_latency_ms(dense, (latency.batch_size, *shape), device, latency.repeats,
+                                                  latency.warmup)
+    row["bn_recalibration_batches"] = recalibrated
+    return row
+
+
+# ---- reports ------------------------------------------------------------------------------------------------------
+
+_NONE = type(None)
+_REAL = (int, float)
+REPORT_KEYS: dict[str, tuple[type, ...]] = {
+    "format": (str,), "version": (int,), "checkpoint": (str,), "mode": (str,), "weights": (str,),
+    "dataset": (str,), "data_dir": (str, _NONE), "split": (str,), "num_samples": (int,), "img_size": (int,),
+    "num_classes": (int,), "device": (str,), "threads": (int,), "latency": (dict, _NONE), "rows": (list,),
+}
+LATENCY_KEYS = ("batch_size", "repeats", "warmup")
+ROW_KEYS: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "label": (str,), "width": (*_REAL, _NONE), "top1": _REAL, "top5": _REAL, "loss": _REAL,
+    "params": (int,), "madds": (int,), "latency_ms_b1": (*_REAL, _NONE), "latency_ms_bN": (*_REAL, _NONE),
+    "bn_recalibration_batches": (int,),
+}
+CSV_COLUMNS = ("kind", "label", "width", "plan", *[k for k in ROW_KEYS if k not in ("kind", "label", "width")])
+
+
+def _check_type(where: str, value: Any, types: tuple[type, ...]) -> None:
+    if isinstance(value, bool) or not isinstance(value, types):
+        names = " or ".join("null" if t is _NONE else t.__name__ for t in types)
+        raise ValueError(f"{where} must be {names}, got {value!r}")
+
+
+def validate_report(report: Any) -> None:
+    """Raise ValueError naming the first key of `report` that is missing or out of place (see the module doc)."""
+    if not isinstance(report, dict):
+        raise ValueError("a report must be a JSON object")
+    for key, types in REPORT_KEYS.items():
+        if key not in report:
+            raise ValueError(f"report lacks key {key!r}")
+        _check_type(f"report[{key!r}]", report[key], types)
+    if report["format"] != REPORT_FORMAT:
+        raise ValueError(f"report format is {report['format']!r}, not {REPORT_FORMAT!r}")
+    latency = report["latency"]
+    if latency is not None:
+        for key in LATENCY_KEYS:
+            _check_type(f"report['latency'][{key!r}]", latency.get(key), (int,))
+    if not report["rows"]:
+        raise ValueError("report has no rows")
+    for i, row in enumerate(report["rows"]):
+        where = f"rows[{i}]"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} must be an object")
+        for key, types in ROW_KEYS.items():
+            if key not in row:
+                raise ValueError(f"{where} lacks key {key!r}")
+            _check_type(f"{where}[{key!r}]", row[key], types)
+        if not 0 <= row["top1"] <= row["top5"] <= 100:
+            raise ValueError(f"{where}: need 0 <= top1 <= top5 <= 100, got {row['top1']} and {row['top5']}")
+        if not (math.isfinite(row["loss"]) and row["loss"] >= 0):
+            raise ValueError(f"{where}: loss must be a finite number >= 0, got {row['loss']}")
+        if row["params"] <= 0 or row["madds"] <= 0:
+            raise ValueError(f"{where}: params and madds must be positive")
+        for key in ("latency_ms_b1", "latency_ms_bN"):
+            if (row[key] is None) != (latency is None):
+                raise ValueError(f"{where}[{key!r}] must be a number exactly when the report has latency settings")
+            if row[key] is not None and not row[key] > 0:
+                raise ValueError(f"{where}[{key!r}] must be positive, got {row[key]}")
+        if row["kind"] == "width" and row["width"] is None:
+            raise ValueError(f"{where}: a row of kind 'width' needs a width")
+        if row["kind"] == "plan":
+            plan = row.get("plan")
+            if not isinstance(plan, dict) or not all(isinstance(k, str) and type(v) is int for k, v in plan.items()):
+                raise ValueError(f"{where}: a row of kind 'plan' needs 'plan', a mapping of group to channels")
+
+
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2) + "\n"
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    """The rows as CSV: the documented columns first, then any other key a row carries."""
+    columns = list(CSV_COLUMNS) + [k for row in rows for k in row if k not in CSV_COLUMNS]
+    columns = list(dict.fromkeys(columns))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
+    return out.getvalue()
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return value
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report's rows as a terminal table, with a line saying what was measured and how."""
+    latency = report["latency"]
+    header = f"{'width':>8} {'top-1':>7} {'top-5':>7} {'loss':>7} {'params':>9} {'MAdds':>10}"
+    if latency is not None:
+        header += f" {'b1 ms':>8} {'b' + str(latency['batch_size']) + ' ms':>9}"
+    lines = [header]
+    for row in report["rows"]:
+        line = (f"{row['label']:>8} {row['top1']:>7.2f} {row['top5']:>7.2f} {row['loss']:>7.4f} "
+                f"{row['params'] / 1e6:>8.3f}M {row['madds'] / 1e6:>9.2f}M")
+        if latency is not None:
+            line += f" {row['latency_ms_b1']:>8.2f} {row['latency_ms_bN']:>9.2f}"
+        lines.append(line)
+    about = (f"{Path(report['checkpoint']).name} ({report['weights']} weights) on {report['dataset']} "
+             f"{report['split']}: {report['num_samples']} images at {report['img_size']}×{report['img_size']}")
+    if latency is not None:
+        about += (f"; latency of the dense subnet on {report['device']}, {report['threads']} "
+                  f"thread{'s' if report['threads'] != 1 else ''}, "
+                  f"median of {latency['repeats']}")
+    return "\n".join(lines + [about])
+
+
+# ---- command line -------------------------------------------------------------------------------------------------
+
+EXAMPLES = """\
+examples:
+  python eval.py --mode sweep --checkpoint output/run/checkpoint.pth --json sweep.json --plot sweep.png
+  python eval.py --mode sweep --checkpoint ckpt.pth --widths 0.35 1.0 --no-latency --csv sweep.csv
+  python eval.py --mode static --checkpoint ckpt.pth --width 0.5
+  python eval.py --mode static --checkpoint ckpt.pth --plan plan.json --recalibrate-bn 16
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors are user errors: one line, exit status 2 (through `run_main`)."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python eval.py", description=__doc__, epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=MODES, default="sweep",
+                        help="sweep: every width choice; static: one subnet (--width or --plan); dynamic: the gated "
+                             "network (needs a checkpoint with a gate). Default: sweep")
+    parser.add_argument("--checkpoint", required=True, help="dsnet checkpoint file")
+    parser.add_argument("--weights", choices=("ema", "model"),
+                        help="which weights to evaluate (default: ema when the checkpoint has EMA weights, else model)")
+    which = parser.add_argument_group("widths")
+    which.add_argument("--widths", type=float, nargs="+", metavar="W",
+                       help="sweep: only these width choices (multipliers, e.g. 0.35 1.0)")
+    which.add_argument("--width", type=float, metavar="W", help="static: the width choice to evaluate")
+    which.add_argument("--plan", metavar="FILE",
+                       help="static: per-layer channels from a plan file (JSON or YAML); a plan whose BN statistics "
+                            f"the checkpoint lacks is recalibrated first ({DEFAULT_RECALIBRATION_BATCHES} batches "
+                            "unless --recalibrate-bn says)")
+    which.add_argument("--recalibrate-bn", type=_positive_int, metavar="N",
+                       help="before measuring each width, reset its BN statistics and re-estimate them on N training "
+                            "batches of --batch-size images (in memory; the checkpoint is not changed)")
+    data = parser.add_argument_group("data (default: the dataset and transforms recorded in the checkpoint)")
+    data.add_argument("--data", help="dataset name (digits, cifar10, cifar100, mnist, fashion-mnist, imagefolder)")
+    data.add_argument("--data-dir", help="dataset root directory")
+    data.add_argument("--batch-size", type=_positive_int, default=128, help="evaluation batch size (default: 128)")
+    data.add_argument("--workers", type=_non_negative_int, default=0, help="data-loading processes (default: 0)")
+    timing = parser.add_argument_group(
+        "latency (of the exported dense subnet of each width: a plain torch.nn network, what a user deploys)")
+    timing.add_argument("--no-latency", action="store_true", help="do not measure latency")
+    timing.add_argument("--latency-batch-size", type=_positive_int, default=32, metavar="N",
+                        help="the second latency batch size, besides 1 (default: 32)")
+    timing.add_argument("--latency-repeats", type=_positive_int, default=10, metavar="R",
+                        help="timed runs per figure; the median is reported (default: 10)")
+    timing.add_argument("--latency-warmup", type=_non_negative_int, default=3, metavar="R",
+                        help="untimed runs before timing (default: 3)")
+    timing.add_argument("--threads", type=_positive_int, default=2,
+                        help="CPU threads for the whole evaluation, torch.set_num_threads (default: 2)")
+    timing.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    out = parser.add_argument_group("reports (the table is always printed)")
+    out.add_argument("--json", metavar="FILE", help="write the report as JSON (keys above)")
+    out.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
+    out.add_argument("--plot", metavar="FILE", help="write a PNG of top-1 accuracy against MAdds (640×480)")
+    out.add_argument("--log-madds", action="store_true", help="plot MAdds on a logarithmic axis")
+    out.add_argument("--reference", metavar="FILE",
+                     help="CSV of reference points to plot, columns label,madds,top1 (absolute MAdds, top-1 in %%)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Combinations of flags that make no sense, caught before anything is loaded."""
+    if args.mode == "static" and (args.width is None) == (args.plan is None):
+        raise UserError("--mode static needs exactly one of --width W or --plan FILE")
+    if args.mode != "static" and (args.width is not None or args.plan is not None):
+        raise UserError(f"--width and --plan are for --mode static, not --mode {args.mode}")
+    if args.mode != "sweep" and args.widths:
+        raise UserError(f"--widths is for --mode sweep, not --mode {args.mode}")
+    if args.plot is None and (args.log_madds or args.reference):
+        raise UserError("--log-madds and --reference change the plot; give --plot FILE too")
+    for flag in ("json", "csv", "plot"):
+        path = getattr(args, flag)
+        if path is not None:
+            check_output_path(path, f"--{flag}")
+
+
+def check_output_path(path: str, flag: str) -> None:
+    """Refuse an output path that cannot be written, before any time is spent evaluating."""
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"{flag} {path!r} is a directory, not a file")
+    if not file.parent.is_dir():
+        raise UserError(f"{flag} {path!r}: directory {str(file.parent)!r} does not exist")
+    if not os.access(file.parent, os.W_OK):
+        raise UserError(f"{flag} {path!r}: directory {str(file.parent)!r} is not writable")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but CUDA is not available")
+    return device
+
+
+def load_model(args: argparse.Namespace) -> tuple[dict[str, Any], DSMobileNetV2, str]:
+    """The checkpoint, its supernet with the chosen weights, and which weights those are."""
+    checkpoint = load_checkpoint(args.checkpoint)
+    for key in ("model_config", "model"):
+        if key not in checkpoint:
+            raise UserError(f"checkpoint {args.checkpoint!r} lacks {key!r}")
+    if args.mode == "dynamic" and checkpoint.get("gate") is None:
+        raise UserError(f"checkpoint {args.checkpoint!r} has no gate; train one with python train.py --stage gate")
+    has_ema = checkpoint.get("ema") is not None
+    if args.weights == "ema" and not has_ema:
+        raise UserError(f"checkpoint {args.checkpoint!r} has no EMA weights; use --weights model")
+    weights = args.weights or ("ema" if has_ema else "model")
+    return checkpoint, supernet_from_checkpoint(checkpoint, weights), weights
+
+
+def data_options(args: argparse.Namespace, checkpoint: dict[str, Any], model: DSMobileNetV2) -> DataOptions:
+    """The checkpoint's recorded data options, with --data / --data-dir on top."""
+    config = checkpoint.get("config") or {}
+    if args.data is None and "data" not in config:
+        raise UserError(f"checkpoint {args.checkpoint!r} records no dataset; give --data (and --data-dir)")
+    opts = DataOptions.from_config(config)
+    if "img_size" not in config:
+        opts.img_size = model.config.img_size
+    if args.data is not None and args.data != opts.data:
+        opts.data, opts.data_dir = args.data, None  # the recorded directory belongs to the recorded dataset
+    if args.data_dir is not None:
+        opts.data_dir = args.data_dir
+    return opts
+
+
+def choice_plan(model: DSMobileNetV2, width: float) -> WidthPlan:
+    index = model.choice_index(width)
+    if index is None:
+        choices = ", ".join(f"{w:g}" for w in model.widths)
+        raise UserError(f"width {width:g} is not a width choice of this checkpoint; choices: {choices}")
+    return model.choice_plans[index]
+
+
+def subnets_to_measure(args: argparse.Namespace, model: DSMobileNetV2) -> list[tuple[WidthPlan, str | None]]:
+    """(plan, label) of every row, in order."""
+    if args.mode == "sweep":
+        if args.widths:
+            return [(choice_plan(model, w), None) for w in args.widths]
+        return [(plan, None) for plan in model.choice_plans]
+    if args.width is not None:
+        return [(choice_plan(model, args.width), None)]
+    plan = load_plan(model, args.plan)
+    return [(plan, Path(args.plan).stem if plan.choice is None else None)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
+    reference = None
+    if args.reference:
+        from .plot import read_reference_csv
+        reference = read_reference_csv(args.reference)
+    device = resolve_device(args.device)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        report = evaluate_checkpoint(args, device)
+    finally:
+        torch.set_num_threads(threads_before)
+    print(format_table(report))
+    if args.json:
+        write_text_atomic(args.json, report_json(report))
+    if args.csv:
+        write_text_atomic(args.csv, rows_csv(report["rows"]))
+    if args.plot:
+        from .plot import plot_report
+        plot_report(report, args.plot, log_madds=args.log_madds, reference=reference)
+    return 0
+
+
+def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Everything between the parsed arguments and the finished report."""
+    checkpoint, model, weights = load_model(args)
+    if args.mode == "dynamic":
+        # Rows of kind "dynamic" (one per gate threshold) go here once the gate exists; report and plot take them.
+        raise UserError("dynamic evaluation is not available in this version of dsnet")
+    subnets = subnets_to_measure(args, model)
+    opts = data_options(args, checkpoint, model)
+    dataset = build_dataset(opts, train=False)
+    classes = num_classes_of(dataset)
+    if classes != model.config.num_classes:
+        raise UserError(f"checkpoint has {model.config.num_classes} classes but dataset {opts.data!r} has {classes}")
+    loader = build_loader(dataset, args.batch_size, train=False, workers=args.workers)
+
+    calibration_size = args.recalibrate_bn
+    if calibration_size is None and any(not has_bn_statistics(model, plan) for plan, _ in subnets):
+        calibration_size = DEFAULT_RECALIBRATION_BATCHES
+        print(f"the checkpoint has no BN statistics for plan {args.plan!r}; recalibrating them on "
+              f"{calibration_size} training batches (set the number with --recalibrate-bn N)", file=sys.stderr)
+    calibration = calibration_batches(opts, calibration_size, args.batch_size) if calibration_size else None
+
+    model.to(device)
+    latency = None if args.no_latency else LatencyOptions(args.latency_batch_size, args.latency_repeats,
+                                                          args.latency_warmup)
+    rows = []
+    with tqdm(total=len(loader) * len(subnets), desc="evaluating", unit="batch", file=sys.stderr, leave=False,
+              disable=args.no_progress) as progress:
+        for plan, label in subnets:
+            progress.set_description(f"width {label or width_label(model, plan)}")
+            rows.append(subnet_row(model, plan, loader, device, opts.img_size, label=label, calibration=calibration,
+                                   latency=latency, progress=progress))
+    report = {
+        "format": REPORT_FORMAT, "version": REPORT_VERSION, "checkpoint": str(args.checkpoint), "mode": args.mode,
+        "weights": weights, "dataset": opts.data, "data_dir": opts.data_dir, "split": "val",
+        "num_samples": len(dataset), "img_size": opts.img_size, "num_classes": classes, "device": str(device),
+        "threads": args.threads,
+        "latency": None if latency is None else {"batch_size": latency.batch_size, "repeats": latency.repeats,
+                                                 "warmup": latency.warmup},
+        "rows": rows,
+    }
+    validate_report(report)
+    return report
