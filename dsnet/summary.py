@@ -2,30 +2,22 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-from pathlib import Path
-
-import yaml
 
 from .cli import UserError, run_main
 from .madds import count_madds, count_params
-from .mobilenetv2 import SupernetConfig, create_supernet
+from .mobilenetv2 import create_supernet
+
+KNOWN_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashion-mnist": 10}
 
 
-def model_config_from_yaml(path: str) -> dict:
-    """The supernet keys of a YAML recipe (other keys belong to training and are ignored here)."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"config file {path!r} does not exist")
-    try:
-        values = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"config file {path!r} must hold a mapping of keys to values")
-    fields = {f.name for f in dataclasses.fields(SupernetConfig)}
-    return {k.replace("-", "_"): v for k, v in values.items() if k.replace("-", "_") in fields}
+def model_config_from_recipe(path: str) -> dict:
+    """The supernet a training recipe describes (classes from the recipe, else from its dataset, else 1000)."""
+    from .config import defaults, load_recipe, model_config
+
+    config = {**defaults(), **load_recipe(path)}
+    classes = config["num_classes"] or KNOWN_CLASSES.get(config["data"], 1000)
+    return model_config(config, classes)
 
 
 def summary_rows(model, img_size: int) -> list[dict]:
@@ -44,11 +36,12 @@ def summary_rows(model, img_size: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsnet.summary", description=__doc__)
-    parser.add_argument("-c", "--config", help="YAML recipe; its supernet keys (widths, num_classes, ...) are used")
+    parser.add_argument("-c", "--config", help="training recipe (configs/*.yaml) whose supernet to describe (default: the ImageNet-layout "
+                        "supernet with 1000 classes)")
     parser.add_argument("--img-size", type=int, help="input resolution for MAdds (default: the config's img_size)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     args = parser.parse_args(argv)
-    model = create_supernet(model_config_from_yaml(args.config) if args.config else None)
+    model = create_supernet(model_config_from_recipe(args.config) if args.config else None)
     img_size = args.img_size or model.config.img_size
     if img_size < 1:
         raise UserError(f"--img-size must be positive, got {img_size}")
