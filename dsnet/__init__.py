@@ -1,6 +1,5 @@
 """dsnet: dynamic slimmable networks — one supernet, many widths, sliced kernels."""
 from .calibrate import recalibrate_bn
-from .export import export_subnet
 from .madds import count_madds, count_params, layer_costs
 from .mobilenetv2 import DSMobileNetV2, SupernetConfig, create_supernet
 from .slim import WidthPlan
@@ -8,3 +7,11 @@ from .slim import WidthPlan
 __all__ = ["DSMobileNetV2", "SupernetConfig", "WidthPlan", "count_madds", "count_params", "create_supernet",
            "export_subnet", "layer_costs", "recalibrate_bn"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # dsnet.export is imported on first use, not here: `python -m dsnet.export` must find it not yet imported.
+    if name == "export_subnet":
+        from .export import export_subnet
+        return export_subnet
+    raise AttributeError(f"module 'dsnet' has no attribute {name!r}")

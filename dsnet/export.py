@@ -2,16 +2,29 @@
 
 The dense network is built of standard layers only (plus `Residual`, a `nn.Sequential` that adds its input), with
 timm's module names, so its state dict loads into timm's `mobilenetv2_*` model of the same width as it is.
+
+`python -m dsnet.export` writes one width of a checkpoint's supernet as TorchScript, ONNX, a timm state dict or a
+pickled module, then reloads the file and checks its output against the supernet's.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .mobilenetv2 import DSMobileNetV2, DepthwiseSeparable
+from .calibrate import recalibrate_bn
+from .cli import ArgumentParser, UserError, atomic_path, run_main
+from .cli_inputs import (add_checkpoint_args, add_data_args, check_output_path, input_size, open_checkpoint,
+                         training_data_options)
+from .data import calibration_batches
+from .madds import count_madds, count_params
+from .mobilenetv2 import DSMobileNetV2, DepthwiseSeparable, SupernetConfig
+from .plans import load_plan
+from .slim import WidthPlan
 
 
 class Residual(nn.Sequential):
@@ -76,3 +89,182 @@ def export_subnet(model: DSMobileNetV2, width: Any = None) -> nn.Sequential:
     layers["classifier"] = model.classifier.export(ch[-1])
     dense = nn.Sequential(layers)
     return dense.eval()
+
+
+# ---- command line: python -m dsnet.export -----------------------------------------------------------------------
+
+FORMATS = ("torchscript", "onnx", "timm", "pt")
+TOLERANCES = {"torchscript": 1e-5, "pt": 1e-5, "timm": 1e-5, "onnx": 1e-4}
+TIMM_MODELS = {0.35: "mobilenetv2_035", 0.5: "mobilenetv2_050", 0.75: "mobilenetv2_075", 1.0: "mobilenetv2_100",
+               1.4: "mobilenetv2_140"}
+DEFAULT_OPSET = 17
+CHECK_BATCH = 3  # differs from the traced batch of 1, so the check also proves the batch axis is dynamic
+
+
+def resolve_export_width(model: DSMobileNetV2, width: float | None, plan_file: str | None) -> WidthPlan:
+    if plan_file is not None:
+        return load_plan(model, plan_file)
+    choice = model.choice_index(width)
+    if choice is None:
+        raise UserError(f"width {width} is not one of the checkpoint's width choices {list(model.widths)}")
+    return model.choice_plans[choice]
+
+
+def timm_model_name(model: DSMobileNetV2, plan: WidthPlan) -> str:
+    """The timm model whose state dict the dense subnet of `plan` is, or UserError saying why there is none."""
+    if plan.choice is None:
+        raise UserError("the timm format needs a uniform width; this plan is not one of the checkpoint's width "
+                        f"choices {list(model.widths)}")
+    width = model.widths[plan.choice]
+    name = next((n for w, n in TIMM_MODELS.items() if abs(w - width) < 1e-6), None)
+    if name is None:
+        raise UserError(f"timm registers no MobileNetV2 of width {width}; it has widths {sorted(TIMM_MODELS)}")
+    cfg = model.config
+    default = SupernetConfig()
+    if cfg.small_input:
+        raise UserError("timm's MobileNetV2 has no small-input stem; this supernet was built with small_input")
+    if cfg.in_chans != 3:
+        raise UserError(f"the timm format needs 3 input channels; this supernet takes {cfg.in_chans}")
+    if cfg.se_ratio:
+        raise UserError("timm's MobileNetV2 has no squeeze-excitation; this supernet has se_ratio "
+                        f"{cfg.se_ratio}")
+    differing = [key for key in ("stem_channels", "head_channels", "stages", "kernel_size", "bn_eps")
+                 if getattr(cfg, key) != getattr(default, key)]
+    if differing:
+        raise UserError(f"this supernet's {', '.join(differing)} differ from timm's MobileNetV2")
+    return name
+
+
+def prepare_bn_statistics(model: DSMobileNetV2, plan: WidthPlan, state: dict[str, Any], num_batches: int,
+                          batch_size: int, data: str | None, data_dir: str | None) -> str:
+    """Make the statistics `plan` runs with ready for export; returns a line saying where they come from."""
+    if num_batches:
+        options = training_data_options(state, model, data, data_dir)
+        used = recalibrate_bn(model, plan, calibration_batches(options, num_batches, batch_size=batch_size))
+        return f"BN statistics recalibrated on {used} batches of {batch_size} {options.data} training images"
+    if plan.choice is not None:
+        return f"BN statistics of width choice {model.widths[plan.choice]}"
+    if tuple(model.calibrated_plan.tolist()) == plan.channels:
+        return "BN statistics of this plan, calibrated in the checkpoint"
+    raise UserError("this plan is not a width choice and the checkpoint holds no BN statistics for it; "
+                    "pass --recalibrate-bn N to recalibrate them on N training batches")
+
+
+def write_export(fmt: str, dense: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    if fmt == "torchscript":
+        torch.jit.save(torch.jit.trace(dense, example), str(path))
+    elif fmt == "onnx":
+        torch.onnx.export(dense, (example,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    elif fmt == "timm":
+        torch.save(dense.state_dict(), path)
+    else:
+        torch.save(dense, path)
+
+
+@torch.no_grad()
+def run_export(fmt: str, path: Path, x: torch.Tensor, timm_name: str | None, num_classes: int) -> torch.Tensor:
+    """Load a written export the way its user would, and run it on `x`."""
+    if fmt == "torchscript":
+        return torch.jit.load(str(path))(x)
+    if fmt == "onnx":
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UserError("checking an ONNX export needs onnxruntime (pip install onnxruntime)") from None
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (logits,) = session.run(["logits"], {"input": x.numpy()})
+        return torch.from_numpy(logits)
+    if fmt == "timm":
+        import timm
+
+        network = timm.create_model(timm_name, num_classes=num_classes, pretrained=False)
+        network.load_state_dict(torch.load(path, weights_only=True), strict=True)
+        return network.eval()(x)
+    return torch.load(path, weights_only=False).eval()(x)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="python -m dsnet.export",
+        description="Export one width of a trained supernet as a dense network (TorchScript, ONNX, a timm "
+                    "MobileNetV2 state dict, or a pickled torch.nn module), then reload the written file and check "
+                    "its output against the supernet's.")
+    add_checkpoint_args(parser)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--width", type=float, metavar="W",
+                       help="a uniform width multiplier, one of the checkpoint's width choices")
+    which.add_argument("--plan", metavar="FILE",
+                       help="JSON or YAML file of channels per layer group (as python -m dsnet.search writes)")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="torchscript: a traced module for torch.jit.load; onnx: an ONNX graph with input "
+                             "'input' and output 'logits', batch axis dynamic; timm: a state dict for timm's "
+                             "mobilenetv2_* of the same width (uniform widths of an ImageNet-layout supernet only); "
+                             "pt: the torch.nn module saved with torch.save (loading it needs dsnet)")
+    parser.add_argument("--out", required=True, metavar="PATH", help="output file; its directory must exist")
+    parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                        help="re-estimate the BN statistics of the width on N training batches first; needed for a "
+                             "plan that is not a width choice unless the checkpoint already holds its statistics "
+                             "(default 0: none)")
+    add_data_args(parser)
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N",
+                        help="batch size of the BN recalibration batches (default 64)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
+                        help=f"ONNX opset version (default {DEFAULT_OPSET})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.recalibrate_bn < 0:
+        raise UserError(f"--recalibrate-bn must be at least 0, got {args.recalibrate_bn}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_output_path(args.out)
+
+    state, model, weights = open_checkpoint(args.checkpoint, args.weights)
+    plan = resolve_export_width(model, args.width, args.plan)
+    timm_name = timm_model_name(model, plan) if args.format == "timm" else None
+    print(f"width: {_describe(model, plan)}, {weights} weights")
+    print(prepare_bn_statistics(model, plan, state, args.recalibrate_bn, args.batch_size, args.data, args.data_dir))
+    img_size = input_size(state, model)
+    print(f"params {count_params(model, plan) / 1e6:.3f}M, MAdds {count_madds(model, plan, img_size) / 1e6:.2f}M "
+          f"at {img_size}×{img_size}")
+
+    dense = export_subnet(model, plan)
+    generator = torch.Generator().manual_seed(0)
+    shape = (model.config.in_chans, img_size, img_size)
+    example = torch.randn(1, *shape, generator=generator)
+    x = torch.randn(CHECK_BATCH, *shape, generator=generator)
+    with torch.no_grad():
+        expected = model(x, plan)
+    tolerance = TOLERANCES[args.format]
+    with atomic_path(args.out) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing and the TorchScript-based ONNX exporter warn of their deprecation
+        write_export(args.format, dense, example, tmp, args.opset)
+        diff = (run_export(args.format, tmp, x, timm_name, model.config.num_classes) - expected).abs().max().item()
+        if not diff <= tolerance:  # the file is removed: a failed check leaves nothing behind
+            raise UserError(f"the reloaded {args.format} export differs from the supernet by {diff:.3g} "
+                            f"(tolerance {tolerance:g}); nothing written")
+    print(f"wrote {args.out} ({args.format})")
+    print(f"check: reloaded file vs supernet on {CHECK_BATCH} random inputs: max abs diff {diff:.3g} "
+          f"(tolerance {tolerance:g})")
+    if timm_name is not None:
+        print(f"timm model: {timm_name} — timm.create_model({timm_name!r}, num_classes={model.config.num_classes})"
+              f".load_state_dict(torch.load({args.out!r}))")
+    return 0
+
+
+def _describe(model: DSMobileNetV2, plan: WidthPlan) -> str:
+    if plan.choice is not None:
+        return f"{model.widths[plan.choice]} (width choice {plan.choice})"
+    narrowed = [f"{name} {c}" for name, c, m in zip(plan.names, plan.channels, model.max_channels) if c != m]
+    return f"plan (not a width choice): the largest width with {', '.join(narrowed)}"
+
+
+if __name__ == "__main__":
+    # Run the package's copy of this module, so that a pickled network refers to dsnet.export.Residual rather
+    # than to a class of __main__ that no other program has.
+    from dsnet.export import main as package_main
+
+    run_main(package_main)

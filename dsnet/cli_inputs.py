@@ -1,0 +1,74 @@
+"""What the export and search commands read: a checkpoint's supernet, and the training data its run recorded."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import load_checkpoint, supernet_from_checkpoint
+from .cli import UserError
+from .data import DATASETS, DataOptions
+from .mobilenetv2 import DSMobileNetV2
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="dsnet checkpoint (.pth) holding the trained supernet")
+    parser.add_argument("--weights", choices=("ema", "model"),
+                        help="which weights of the checkpoint to use (default: ema when it has EMA weights, else "
+                             "model)")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", choices=DATASETS,
+                        help="training dataset to draw batches from (default: the one recorded in the checkpoint's "
+                             "config)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="dataset root (default: the one recorded in the checkpoint's config)")
+
+
+def open_checkpoint(path: str, weights: str | None) -> tuple[dict[str, Any], DSMobileNetV2, str]:
+    """The checkpoint's state, its supernet (eval mode, on CPU) and the name of the weights used."""
+    state = load_checkpoint(path)
+    has_ema = state.get("ema") is not None
+    if weights is None:
+        weights = "ema" if has_ema else "model"
+    elif weights == "ema" and not has_ema:
+        raise UserError(f"checkpoint {path!r} holds no EMA weights; use --weights model")
+    return state, supernet_from_checkpoint(state, weights), weights
+
+
+def run_config(state: dict[str, Any]) -> dict[str, Any]:
+    config = state.get("config")
+    return dict(config) if isinstance(config, dict) else {}
+
+
+def input_size(state: dict[str, Any], model: DSMobileNetV2) -> int:
+    """The image size the run trained at (MAdds and test inputs use it)."""
+    return int(run_config(state).get("img_size", model.config.img_size))
+
+
+def training_data_options(state: dict[str, Any], model: DSMobileNetV2, data: str | None = None,
+                          data_dir: str | None = None) -> DataOptions:
+    """The data options of the checkpoint's run, with the dataset and its root optionally overridden."""
+    values = run_config(state)
+    values.setdefault("img_size", model.config.img_size)
+    if data is not None and data != values.get("data"):
+        values["data"], values["data_dir"] = data, None  # the recorded directory belongs to the recorded dataset
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    if "data" not in values:
+        raise UserError("the checkpoint records no training data; pass --data (and --data-dir)")
+    return DataOptions.from_config(values)
+
+
+def check_output_path(path: str) -> None:
+    """Fail before any work when the output could not be written."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"output path {path!r} is a directory")
+    if not out.parent.is_dir():
+        raise UserError(f"output directory {str(out.parent)!r} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"output directory {str(out.parent)!r} is not writable")

@@ -1,0 +1,252 @@
+"""Width search (AutoSlim) on a trained supernet: the per-layer plan that keeps the most accuracy under a MAdds budget.
+
+Starting from the largest width, every step tries narrowing each channel group by one step, recalibrates the BN
+statistics of that candidate on a few training batches, measures its top-1 on held-out training batches, and keeps
+the candidate that loses the least accuracy (ties: the one that saves more MAdds), until the plan fits the budget.
+
+`python -m dsnet.search --checkpoint CKPT --target-madds 150M --out PLAN.json` writes the plan for
+`python -m dsnet.export --plan PLAN.json`.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import Subset
+
+from .calibrate import recalibrate_bn
+from .cli import ArgumentParser, UserError, run_main
+from .cli_inputs import (add_checkpoint_args, add_data_args, check_output_path, input_size, open_checkpoint,
+                         training_data_options)
+from .data import DataOptions, build_dataset, build_loader, build_transform
+from .madds import count_madds, count_params
+from .mobilenetv2 import DSMobileNetV2
+from .plans import write_plan_file
+from .slim import WidthPlan
+
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_madds_target(text: str, largest_madds: int, smallest_madds: int | None = None) -> int:
+    """A MAdds budget from `150M`, `1.2e8`, `2G` (absolute) or `0.5` (a value ≤ 1: that fraction of the largest).
+
+    UserError when the text is not a count, or the budget is above `largest_madds` or below `smallest_madds`.
+    """
+    match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMgG]?)\s*", str(text))
+    value = None
+    if match:
+        try:
+            value = float(match.group(1))
+        except ValueError:
+            pass
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise UserError(f"MAdds target {text!r} is not a positive count (150M, 1.2e8, 2G) or fraction (0.5)")
+    suffix = match.group(2).lower()
+    target = round(value * largest_madds) if not suffix and value <= 1 else round(value * _SUFFIXES[suffix])
+    if target > largest_madds:
+        raise UserError(f"MAdds target {_millions(target)} is above the largest width's {_millions(largest_madds)}")
+    if smallest_madds is not None and target < smallest_madds:
+        raise UserError(f"MAdds target {_millions(target)} is below the {_millions(smallest_madds)} that the "
+                        f"narrowest allowed plan needs")
+    return target
+
+
+def _millions(madds: int) -> str:
+    return f"{madds / 1e6:.2f}M"
+
+
+@dataclass
+class SearchStep:
+    madds: int
+    params: int
+    top1: float  # held-out top-1 of the plan after this step, in percent
+    narrowed: str | None  # the group narrowed in this step (None: the starting plan)
+    channels: int | None  # its new channel count
+
+
+@dataclass
+class SearchResult:
+    plan: WidthPlan
+    madds: int
+    params: int
+    top1: float
+    trajectory: list[SearchStep] = field(default_factory=list)
+
+
+@dataclass
+class _Candidate:
+    plan: WidthPlan
+    top1: float
+    madds: int
+    narrowed: str
+    channels: int
+
+
+def narrowest_plan(model: DSMobileNetV2, min_channels: int) -> WidthPlan:
+    """Every group at `min_channels`, or at its maximum where that is smaller: where a search can end up."""
+    return model.resolve_width({n: min(m, min_channels) for n, m in zip(model.group_names, model.max_channels)})
+
+
+@torch.no_grad()
+def evaluate_top1(model: DSMobileNetV2, width, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Top-1 accuracy in percent of `width` on (images, targets) batches, with the BN statistics it has."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    try:
+        for images, targets in batches:
+            predictions = model(images.to(device), width).argmax(1)
+            correct += (predictions == targets.to(device)).sum().item()
+            total += len(targets)
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / total
+
+
+def search_batches(options: DataOptions, calibration: int, evaluation: int, batch_size: int,
+                   seed: int = 0) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Disjoint batches of the training split (evaluation transforms): images for BN recalibration, then
+    (images, targets) held out for measuring accuracy. One seeded shuffle picks both."""
+    dataset = build_dataset(options, train=True, transform=build_transform(options, train=False))
+    needed = (calibration + evaluation) * batch_size
+    if needed > len(dataset):
+        raise UserError(f"{calibration} recalibration and {evaluation} evaluation batches of {batch_size} need "
+                        f"{needed} training images; {options.data} has {len(dataset)}")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = calibration * batch_size
+
+    def load(indices: list[int]) -> list:
+        return list(build_loader(Subset(dataset, indices), batch_size, train=False))
+
+    calibration_batches = [images for images, _ in load(order[:cut])]
+    return calibration_batches, load(order[cut:needed])
+
+
+def search_plan(model: DSMobileNetV2, target_madds: int, calibration_batches: Sequence[torch.Tensor],
+                eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], step: int = 8, min_channels: int = 8,
+                img_size: int | None = None,
+                progress: Callable[[SearchStep, int, float], None] | None = None) -> SearchResult:
+    """Greedily narrow the largest width until its MAdds are at most `target_madds` (see the module docstring).
+
+    `progress(step, candidates, seconds)` is called after every step. The model's custom BN slot is left
+    calibrated for the plan returned (when it is not a width choice).
+    """
+    if step < 1 or min_channels < 1:
+        raise ValueError(f"step and min_channels must be at least 1, got {step} and {min_channels}")
+    floor = count_madds(model, narrowest_plan(model, min_channels), img_size)
+    if target_madds < floor:
+        raise ValueError(f"MAdds target {_millions(target_madds)} is below the {_millions(floor)} that the "
+                         f"narrowest allowed plan needs")
+    plan = model.largest
+    madds = count_madds(model, plan, img_size)
+    top1 = evaluate_top1(model, plan, eval_batches)
+    trajectory = [SearchStep(madds, count_params(model, plan), top1, None, None)]
+    while madds > target_madds:
+        start = time.perf_counter()
+        channels = plan.as_dict()
+        candidates = []
+        for name in model.group_names:
+            narrower = max(channels[name] - step, min_channels)
+            if narrower >= channels[name]:
+                continue
+            candidate = model.resolve_width({**channels, name: narrower})
+            if candidate.choice is None:  # a width choice keeps its own statistics
+                recalibrate_bn(model, candidate, calibration_batches)
+            candidates.append(_Candidate(candidate, evaluate_top1(model, candidate, eval_batches),
+                                         count_madds(model, candidate, img_size), name, narrower))
+        if not candidates:
+            raise ValueError(f"no layer group can be narrowed further, and MAdds {_millions(madds)} are still "
+                             f"above the target {_millions(target_madds)}")
+        # Least accuracy lost; then the larger saving; then the earlier group (max keeps the first of equals).
+        best = max(candidates, key=lambda c: (c.top1, -c.madds))
+        plan, madds, top1 = best.plan, best.madds, best.top1
+        trajectory.append(SearchStep(madds, count_params(model, plan), top1, best.narrowed, best.channels))
+        if progress is not None:
+            progress(trajectory[-1], len(candidates), time.perf_counter() - start)
+    if plan.choice is None and tuple(model.calibrated_plan.tolist()) != plan.channels:
+        recalibrate_bn(model, plan, calibration_batches)
+    return SearchResult(plan, madds, count_params(model, plan), top1, trajectory)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="python -m dsnet.search",
+        description="AutoSlim width search on a trained supernet: from the largest width, repeatedly narrow the "
+                    "layer group that costs the least held-out accuracy, until the plan's MAdds meet the target; "
+                    "write the plan as JSON for python -m dsnet.export --plan.")
+    add_checkpoint_args(parser)
+    parser.add_argument("--target-madds", required=True, metavar="M",
+                        help="MAdds budget per image: an absolute count (150M, 1.2e8, 2G) or, for a value ≤ 1, a "
+                             "fraction of the largest width's MAdds (0.5)")
+    parser.add_argument("--out", required=True, metavar="PLAN.json",
+                        help="output plan file; its directory must exist")
+    add_data_args(parser)
+    parser.add_argument("--step", type=int, default=8, metavar="N",
+                        help="channels removed from a group per step (default 8)")
+    parser.add_argument("--min-channels", type=int, default=8, metavar="N",
+                        help="no group is narrowed below this many channels (default 8)")
+    parser.add_argument("--eval-batches", type=int, default=8, metavar="N",
+                        help="held-out training batches on which each candidate's top-1 is measured (default 8)")
+    parser.add_argument("--recalibrate-batches", type=int, default=2, metavar="N",
+                        help="training batches, disjoint from the held-out ones, on which each candidate's BN "
+                             "statistics are recalibrated (default 2)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="batch size (default 64)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of the shuffle that picks both sets of batches (default 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to search on (default: cuda when available, else cpu)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag in ("step", "min_channels", "eval_batches", "recalibrate_batches", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    check_output_path(args.out)
+
+    state, model, weights = open_checkpoint(args.checkpoint, args.weights)
+    img_size = input_size(state, model)
+    largest = count_madds(model, model.largest, img_size)
+    floor = count_madds(model, narrowest_plan(model, args.min_channels), img_size)
+    target = parse_madds_target(args.target_madds, largest, floor)
+    try:
+        model.to(args.device)
+    except (RuntimeError, AssertionError) as exc:
+        raise UserError(f"cannot use device {args.device!r}: {str(exc).splitlines()[0]}") from None
+    options = training_data_options(state, model, args.data, args.data_dir)
+    calibration, held_out = search_batches(options, args.recalibrate_batches, args.eval_batches, args.batch_size,
+                                           args.seed)
+    print(f"searching for MAdds ≤ {_millions(target)} at {img_size}×{img_size} (largest width "
+          f"{_millions(largest)}), {weights} weights, {len(held_out)} held-out batches of {args.batch_size} "
+          f"{options.data} training images")
+
+    def report(step: SearchStep, candidates: int, seconds: float) -> None:
+        print(f"{step.narrowed} → {step.channels}: MAdds {_millions(step.madds)}, held-out top-1 {step.top1:.2f}% "
+              f"({candidates} candidates, {seconds:.1f} s)", flush=True)
+
+    result = search_plan(model, target, calibration, held_out, args.step, args.min_channels, img_size, report)
+    # The width choices on the same held-out batches (with their own BN statistics), to compare with.
+    uniform = [dict(width=w, madds=count_madds(model, i, img_size), top1=evaluate_top1(model, i, held_out))
+               for i, w in enumerate(model.widths)]
+    within = [u for u in uniform if u["madds"] <= target]
+    if within:
+        print(f"nearest width choice within the target: {within[-1]['width']}, MAdds "
+              f"{_millions(within[-1]['madds'])}, held-out top-1 {within[-1]['top1']:.2f}%")
+    settings = dict(step=args.step, min_channels=args.min_channels, eval_batches=args.eval_batches,
+                    recalibrate_batches=args.recalibrate_batches, batch_size=args.batch_size, seed=args.seed)
+    write_plan_file(args.out, result.plan, madds=result.madds, params=result.params, top1=result.top1,
+                    target_madds=target, img_size=img_size, weights=weights, data=options.data, search=settings,
+                    uniform=uniform, trajectory=[asdict(s) for s in result.trajectory])
+    print(f"wrote {args.out}: MAdds {_millions(result.madds)}, params {result.params / 1e6:.3f}M, held-out top-1 "
+          f"{result.top1:.2f}% after {len(result.trajectory) - 1} steps")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
