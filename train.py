@@ -1,7 +1,6 @@
-"""Train a dsnet supernet: `python train.py --stage supernet [-c configs/digits.yaml] [--flags]`.
+"""Train a dsnet supernet (`--stage supernet`) or its gate (`--stage gate --init CKPT`); see `--help`.
 
-Stage I trains every width of the supernet with sandwich sampling and in-place ensemble bootstrapping from an EMA
-teacher. Defaults train on the built-in digits set; `torchrun --nproc_per_node=N train.py …` trains distributed.
+Defaults train on the built-in digits set; `torchrun --nproc_per_node=N train.py …` trains distributed.
 """
 from dsnet.cli import run_main
 from dsnet.train import main

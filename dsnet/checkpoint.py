@@ -1,7 +1,9 @@
-"""Checkpoint files: written atomically, read with clear errors, and enough to rebuild the supernet alone.
+"""Checkpoint files: written atomically, read with clear errors, and enough to rebuild the network alone.
 
 A checkpoint is a dict with at least ``model_config`` (the `SupernetConfig` as a dict), ``model`` (its state dict)
 and optionally ``ema`` (the EMA model's state dict), ``config`` (the run's merged config) and training state.
+A stage-II checkpoint also has ``gate`` (the `GateConfig` as a dict); its state dicts are the gated network's, whose
+supernet part is under ``supernet.``.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 
 from .cli import UserError, atomic_path
+from .gate import GatedDSNet, GateConfig
 from .mobilenetv2 import DSMobileNetV2, SupernetConfig
 
 FORMAT = "dsnet-checkpoint"
@@ -39,18 +42,63 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def supernet_from_checkpoint(state: dict[str, Any], weights: str = "ema") -> DSMobileNetV2:
-    """Rebuild the supernet a checkpoint holds, with its EMA weights (`ema`, when present) or live weights."""
+def _weights(state: dict[str, Any], weights: str) -> dict[str, torch.Tensor]:
     if weights not in ("ema", "model"):
         raise UserError(f"weights must be 'ema' or 'model', got {weights!r}")
-    model = DSMobileNetV2(SupernetConfig.from_dict(state["model_config"]))
-    source = state.get("ema") if weights == "ema" and state.get("ema") is not None else state["model"]
+    return state.get("ema") if weights == "ema" and state.get("ema") is not None else state["model"]
+
+
+def _load(network: torch.nn.Module, source: dict[str, torch.Tensor]) -> None:
     try:
-        model.load_state_dict(source, strict=True)
+        network.load_state_dict(source, strict=True)
     except RuntimeError as exc:
         raise UserError(f"checkpoint weights do not fit its recorded architecture: {str(exc).splitlines()[0]}")
+
+
+def _supernet(state: dict[str, Any]) -> DSMobileNetV2:
+    try:
+        return DSMobileNetV2(SupernetConfig.from_dict(state["model_config"]))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"checkpoint records an invalid supernet: {exc}") from None
+
+
+def supernet_from_checkpoint(state: dict[str, Any], weights: str = "ema") -> DSMobileNetV2:
+    """Rebuild the supernet a checkpoint holds, with its EMA weights (`ema`, when present) or live weights.
+
+    Of a stage-II checkpoint this is the gated network's supernet, without the gate.
+    """
+    source = _weights(state, weights)
+    if state.get("gate") is not None:
+        prefix = "supernet."
+        source = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+    model = _supernet(state)
+    _load(model, source)
     return model.eval()
+
+
+def gated_network_from_checkpoint(state: dict[str, Any], weights: str = "ema") -> GatedDSNet:
+    """Rebuild the gated network of a stage-II checkpoint (UserError when the checkpoint has no gate)."""
+    if state.get("gate") is None:
+        raise UserError("the checkpoint has no gate; train one with python train.py --stage gate")
+    try:
+        network = GatedDSNet(_supernet(state), GateConfig.from_dict(state["gate"]))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"checkpoint records an invalid gate: {exc}") from None
+    _load(network, _weights(state, weights))
+    return network.eval()
+
+
+def network_from_checkpoint(state: dict[str, Any], weights: str = "ema") -> DSMobileNetV2 | GatedDSNet:
+    """The network a checkpoint holds: the gated network when it has a gate, else the supernet."""
+    if state.get("gate") is not None:
+        return gated_network_from_checkpoint(state, weights)
+    return supernet_from_checkpoint(state, weights)
 
 
 def load_supernet(path: str | os.PathLike, weights: str = "ema") -> DSMobileNetV2:
     return supernet_from_checkpoint(load_checkpoint(path), weights)
+
+
+def load_network(path: str | os.PathLike, weights: str = "ema") -> DSMobileNetV2 | GatedDSNet:
+    """Read a checkpoint file and rebuild its network: gated (stage II) or a supernet (stage I)."""
+    return network_from_checkpoint(load_checkpoint(path), weights)

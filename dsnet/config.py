@@ -36,7 +36,8 @@ KEYS: tuple[Key, ...] = (
     Key("output", None, "run directory (default: runs/<stage>-<data>)", str),
     Key("resume", None, "checkpoint to resume from (restores model, EMA, optimizer, scheduler, RNG, epoch)", str),
     Key("overwrite", False, "allow writing into an output directory that holds another run"),
-    Key("init", None, "stage II: the stage-I checkpoint to start from", str),
+    Key("init", None, "stage II: the stage-I checkpoint to start from; its model and data keys are the defaults",
+        str),
     Key("seed", 0, "seed of weights, data order, augmentation and sampled widths"),
     Key("device", None, "cpu, cuda, cuda:1, ... (default: cuda when available)", str),
     # data
@@ -63,22 +64,51 @@ KEYS: tuple[Key, ...] = (
     # the sandwich
     Key("num_random_widths", 2, "random widths between the largest and the smallest in every step"),
     Key("ensemble_smallest", True, "smallest width learns from the mean of the teacher's outputs of the step"),
-    Key("ema", True, "EMA teacher (in-place bootstrapping); without it, distil from the live largest width"),
+    Key("ema", False, "EMA teacher (in-place bootstrapping); without it, distil from the live largest width"),
     Key("ema_decay", 0.99, "EMA decay per optimizer update"),
     Key("ema_warmup", True, "ramp the EMA decay up from 0 (timm ModelEmaV3 warm-up) for short runs"),
     Key("label_smoothing", 0.1, "label smoothing of the largest width's cross-entropy"),
+    # the gate (stage II)
+    Key("init_weights", "ema", "stage II: which weights of the --init checkpoint (ema falls back to model when it "
+        "has none)", str, ("ema", "model")),
+    Key("finetune_supernet", False, "stage II: train the supernet's weights with the gate (BN statistics stay "
+        "frozen); default: only the gate trains"),
+    Key("gate_block", "blocks.3.0", "stage II: the block whose hidden features the gate reads; the first block of "
+        "a stage. The layers after it run at the routed width", str),
+    Key("gate_routes", None, "stage II: the widths the gate routes to, a subset of widths (default: gate_num_routes "
+        "choices spread from the smallest to the largest)", "floats"),
+    Key("gate_num_routes", 4, "stage II: number of routes when gate_routes is not given"),
+    Key("gate_input_width", None, "stage II: the fixed width of every layer before the gate, a width choice "
+        "(default: the largest, which is then also the widest route's width and gives the gate the strongest "
+        "features)", float),
+    Key("gate_se_ratio", 0.25, "stage II: the gate's squeeze width relative to its input channels (a block with "
+        "squeeze-excitation keeps its own)"),
+    Key("gate_tau", 1.0, "stage II: temperature of the straight-through Gumbel-softmax routes in training"),
+    Key("gate_calibration_batches", 8, "stage II: training batches on which each new route's BN statistics are "
+        "collected when the gate is inserted"),
+    Key("sgs", "sandwich", "stage II: gate labels (SGS). sandwich: the smallest route if it classifies the image "
+        "correctly, else the largest; graded: the narrowest route that classifies it correctly, else the largest",
+        str, ("sandwich", "graded")),
+    Key("task_loss_weight", 1.0, "stage II: weight of the dynamic network's cross-entropy"),
+    Key("gate_loss_weight", 1.0, "stage II: weight of the gate's cross-entropy against the SGS labels"),
+    Key("madds_loss", "square", "stage II: square: weight · (E[MAdds] / target)²; excess: weight · "
+        "max(0, E[MAdds] / target − 1)², with E[MAdds] the batch mean of the expected MAdds per image", str,
+        ("square", "excess")),
+    Key("madds_loss_weight", 0.1, "stage II: weight of the MAdds loss (0: none)"),
+    Key("target_madds", 1.0, "stage II: MAdds target per image: a count (e.g. 3e8), or a fraction (≤ 1) of the "
+        "widest route's MAdds"),
     # optimisation
     Key("epochs", 12, "epochs of the learning-rate schedule"),
     Key("epoch_limit", None, "stop after this many epochs in this run (resume later); the schedule is unchanged",
         int),
     Key("opt", "sgd", "timm optimizer name (sgd is SGD with Nesterov momentum)", str),
     Key("lr", None, "learning rate (default: lr_base · global batch / lr_base_size)", float),
-    Key("lr_base", 0.08, "learning rate per lr_base_size images"),
+    Key("lr_base", 0.32, "learning rate per lr_base_size images"),
     Key("lr_base_size", 512, "batch size lr_base refers to"),
     Key("momentum", 0.9, "optimizer momentum"),
     Key("weight_decay", 1e-4, "weight decay (not applied to BN and biases)"),
     Key("sched", "cosine", "timm scheduler name", str),
-    Key("warmup_epochs", 1, "linear warm-up epochs"),
+    Key("warmup_epochs", 2, "linear warm-up epochs"),
     Key("warmup_lr", 1e-5, "learning rate at the start of warm-up"),
     Key("min_lr", 0.0, "floor of the schedule"),
     Key("clip_grad", None, "clip the gradient norm to this value", float),
@@ -86,9 +116,12 @@ KEYS: tuple[Key, ...] = (
     Key("amp", False, "mixed precision: bf16 autocast on CPU, fp16 with a GradScaler on CUDA"),
     # validation and logging
     Key("val_widths", None, "widths validated each epoch (default: smallest, middle, largest)", "floats"),
+    Key("bn_recalibrate_batches", 8, "before validating, re-estimate each validated width's BN statistics on this many "
+        "training batches (every width after the last epoch); 0: use the running statistics"),
     Key("val_every", 1, "validate every k epochs (and after the last)"),
-    Key("best_metric", "ema_val_top1@smallest",
-        "summary column that picks best.pth; @smallest/@middle/@largest or a width, e.g. val_top1@0.5", str),
+    Key("best_metric", None,
+        "summary column that picks best.pth; @smallest/@middle/@largest or a width, e.g. val_top1@0.5 (default: "
+        "ema_val_top1@smallest in stage I, ema_val_top1 of the dynamic network in stage II)", str),
     Key("log_interval", 20, "steps between progress-bar updates of the loss"),
 )
 KEYS_BY_NAME = {k.name: k for k in KEYS}
@@ -205,6 +238,17 @@ def validate(config: dict[str, Any]) -> None:
         raise UserError(f"ema_decay must be in [0, 1), got {config['ema_decay']}")
     if config["epoch_limit"] is not None and config["epoch_limit"] < 1:
         raise UserError(f"epoch_limit must be a positive integer, got {config['epoch_limit']}")
+    for name in ("gate_num_routes", "gate_calibration_batches"):
+        if config[name] < 1:
+            raise UserError(f"{name} must be a positive integer, got {config[name]}")
+    for name in ("gate_tau", "target_madds"):
+        if not config[name] > 0:
+            raise UserError(f"{name} must be positive, got {config[name]}")
+    for name in ("task_loss_weight", "gate_loss_weight", "madds_loss_weight"):
+        if config[name] < 0:
+            raise UserError(f"{name} must be ≥ 0, got {config[name]}")
+    if not 0 < config["gate_se_ratio"] <= 1:
+        raise UserError(f"gate_se_ratio must be in (0, 1], got {config['gate_se_ratio']}")
     try:
         SupernetConfig.from_dict(model_config(config, num_classes=config["num_classes"] or 1)).validate()
     except ValueError as exc:

@@ -1,6 +1,7 @@
 """The training loop: data, model, EMA, optimizer and schedule, AMP, DDP, validation, logs and checkpoints.
 
-Stage-specific work is one call per batch (`supernet.sandwich_step` for stage I); everything around it lives here.
+Stage-specific work is one call per batch: `supernet.sandwich_step` in stage I, `gating.gate_step` in stage II. The
+model, validation and the figures logged per epoch also depend on the stage; everything else lives here, shared.
 Only rank 0 writes files. Checkpoints are written to a temporary file and renamed into place.
 """
 from __future__ import annotations
@@ -26,10 +27,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset
 from tqdm import tqdm
 
+from . import gating
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import UserError, write_text_atomic
 from .config import data_options, model_config, to_yaml
-from .data import build_dataset, build_loader, num_classes_of
+from .calibrate import recalibrate_bn
+from .data import build_dataset, build_loader, calibration_batches, num_classes_of
 from .madds import count_madds
 from .mobilenetv2 import DSMobileNetV2, SupernetConfig
 from .supernet import sandwich_step, sandwich_widths
@@ -84,14 +87,29 @@ def resolve_val_widths(config: dict, widths: tuple[float, ...]) -> list[float]:
 
 
 def resolve_metric(name: str, val_widths: list[float], use_ema: bool) -> str:
-    """'ema_val_top1@smallest' → 'ema_val_top1@0.35' (without EMA: 'val_top1@0.35')."""
-    metric, _, where = name.partition("@")
-    aliases = {"smallest": val_widths[0], "middle": val_widths[len(val_widths) // 2], "largest": val_widths[-1]}
-    if where in aliases:
-        where = width_label(aliases[where])
+    """'ema_val_top1@smallest' → 'ema_val_top1@0.35' (without EMA: 'val_top1@0.35'); a name without '@' (stage II:
+    'ema_val_top1') names a column of its own."""
+    metric, at, where = name.partition("@")
     if not use_ema and metric.startswith("ema_"):
         metric = metric[len("ema_"):]
+    if not at:
+        return metric
+    if where in ("smallest", "middle", "largest") and val_widths:
+        aliases = {"smallest": val_widths[0], "middle": val_widths[len(val_widths) // 2], "largest": val_widths[-1]}
+        where = width_label(aliases[where])
     return f"{metric}@{where}"
+
+
+DEFAULT_BEST_METRIC = {"supernet": "ema_val_top1@smallest", "gate": "ema_val_top1"}
+
+
+@dataclass
+class StepResult:
+    """What the loop needs from one stage-specific step."""
+
+    total: float  # the loss that was backpropagated
+    scalars: dict[str, float]  # logged to TensorBoard as train/<name>
+    sums: dict[str, float]  # summed over the epoch, turned into per-epoch figures by the stage
 
 
 def capture_rng() -> dict[str, Any]:
@@ -160,7 +178,8 @@ def write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 class Trainer:
-    """Stage-I training of a supernet as the config says. `run()` trains; `Trainer(config)` sets everything up."""
+    """Training as the config says: stage I (`supernet`) trains a supernet, stage II (`gate`) the gate of a trained
+    one. `run()` trains; `Trainer(config)` sets everything up."""
 
     def __init__(self, config: dict[str, Any], explicit: set[str] | None = None):
         explicit = explicit if explicit is not None else set(config)
@@ -172,8 +191,10 @@ class Trainer:
             config = {**config, **recorded, **{k: config[k] for k in explicit}, "resume": config["resume"]}
             if "output" not in explicit:
                 config["output"] = str(Path(config["resume"]).parent)
-        if config["stage"] != "supernet":
-            raise UserError(f"--stage {config['stage']} is not yet available; only --stage supernet is")
+        self.gated = config["stage"] == "gate"
+        self.init_state = None
+        if self.gated and self.resume_state is None:
+            config, self.init_state = gating.prepare_config(config, explicit)
         self.config = config
         self.dist = setup_distributed(config["device"])
         self.device = self.dist.device
@@ -187,6 +208,7 @@ class Trainer:
         np.random.seed(config["seed"] + self.dist.rank)
 
         self._build_data()
+        self.calibration = None  # BN recalibration batches, loaded on first use
         self._build_model()
         self._build_optimization()
         self.start_epoch, self.step, self.best, self.summary_rows = 0, 0, None, []
@@ -217,11 +239,22 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.config
-        self.model_config = SupernetConfig.from_dict(model_config(cfg, self.num_classes))
-        self.model = DSMobileNetV2(self.model_config).to(self.device)
-        self.widths = self.model.widths
-        self.val_widths = resolve_val_widths(cfg, self.widths)
-        self.best_metric = resolve_metric(cfg["best_metric"], self.val_widths, cfg["ema"])
+        if self.gated:
+            if self.resume_state is not None:
+                self.model = gating.gated_network_for_resume(self.resume_state, cfg, self.device)
+            else:
+                self.model = gating.build_gated_network(cfg, self.init_state, self.num_classes, self.device)
+                self.init_state = None
+            self.model_config = self.model.supernet.config
+            self.gate_losses = gating.GateLosses.from_config(cfg)
+            self.widths, self.val_widths = self.model.supernet.widths, []
+        else:
+            self.model_config = SupernetConfig.from_dict(model_config(cfg, self.num_classes))
+            self.model = DSMobileNetV2(self.model_config).to(self.device)
+            self.widths = self.model.widths
+            self.val_widths = resolve_val_widths(cfg, self.widths)
+        best = cfg["best_metric"] or DEFAULT_BEST_METRIC[cfg["stage"]]
+        self.best_metric = resolve_metric(best, self.val_widths, cfg["ema"])
         self.ema = ModelEmaV3(self.model, decay=cfg["ema_decay"], use_warmup=cfg["ema_warmup"]) if cfg["ema"] else None
         self.ddp = None
         if self.dist.world_size > 1:
@@ -281,6 +314,9 @@ class Trainer:
                     distribute_bn(self.ema.module, self.dist.world_size, reduce=True)
             row = {"epoch": epoch, **train_metrics}
             if (epoch + 1) % cfg["val_every"] == 0 or epoch + 1 == cfg["epochs"]:
+                if not self.gated:
+                    # the last epoch refreshes every width, so the final checkpoint holds fresh statistics for all
+                    self.recalibrate_bn(self.widths if epoch + 1 == cfg["epochs"] else self.val_widths)
                 row.update(self.validate())
             self.summary_rows.append(row)
             if self.dist.is_main:
@@ -302,17 +338,17 @@ class Trainer:
         self.model.train()
         accum = cfg["accum_steps"]
         loss_sum, images_seen, start = 0.0, 0, time.perf_counter()
+        sums: dict[str, float] = {}
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not self.dist.is_main,
                    leave=False, mininterval=1.0, dynamic_ncols=True)
         self.optimizer.zero_grad(set_to_none=True)
         for i, (images, targets) in enumerate(bar):
             images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             update_now = (i + 1) % accum == 0
-            widths = sandwich_widths(len(self.widths), cfg["num_random_widths"], cfg["seed"], self.step)
-            losses = sandwich_step(
-                self.ddp or self.model, self.ema.module if self.ema else None, images, targets, widths,
-                label_smoothing=cfg["label_smoothing"], ensemble_smallest=cfg["ensemble_smallest"],
-                backward=lambda loss, is_last: self.scaler.scale(loss / accum).backward(), autocast=self.autocast)
+            losses = self.train_step(images, targets,
+                                     backward=lambda loss, is_last: self.scaler.scale(loss / accum).backward())
+            for key, value in losses.sums.items():
+                sums[key] = sums.get(key, 0.0) + value
             if not math.isfinite(losses.total):
                 raise TrainingDiverged(
                     f"loss became {losses.total} at epoch {epoch + 1}, step {self.step}; stopping "
@@ -325,12 +361,38 @@ class Trainer:
             if self.dist.is_main and (i % cfg["log_interval"] == 0):
                 rate = images_seen * self.dist.world_size / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{losses.total:.3f}", img_s=f"{rate:.0f}")
-                for w, value in losses.per_width:
-                    self.writer.add_scalar(f"train/loss@{width_label(self.widths[w])}", value, self.step)
+                for name, value in losses.scalars.items():
+                    self.writer.add_scalar(f"train/{name}", value, self.step)
         elapsed = time.perf_counter() - start
-        return {"train_loss": loss_sum / max(1, len(self.train_loader)),
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "images_per_s": images_seen * self.dist.world_size / elapsed, "epoch_s": elapsed}
+        metrics = {"train_loss": loss_sum / max(1, len(self.train_loader)),
+                   "lr": self.optimizer.param_groups[0]["lr"],
+                   "images_per_s": images_seen * self.dist.world_size / elapsed, "epoch_s": elapsed}
+        if self.gated:
+            metrics.update(gating.epoch_metrics(self.model, self._all_reduce(sums)))
+        return metrics
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, backward) -> StepResult:
+        """The stage's work on one batch: forward and backward (the optimizer steps in `_update`)."""
+        cfg = self.config
+        if self.gated:
+            result = gating.gate_step(self.ddp or self.model, images, targets, self.gate_losses, backward=backward,
+                                      autocast=self.autocast)
+            return StepResult(result.total, {"task_loss": result.task, "gate_loss": result.gate,
+                                             "madds_loss": result.madds}, result.sums)
+        widths = sandwich_widths(len(self.widths), cfg["num_random_widths"], cfg["seed"], self.step)
+        losses = sandwich_step(
+            self.ddp or self.model, self.ema.module if self.ema else None, images, targets, widths,
+            label_smoothing=cfg["label_smoothing"], ensemble_smallest=cfg["ensemble_smallest"], backward=backward,
+            autocast=self.autocast)
+        return StepResult(losses.total, {f"loss@{width_label(self.widths[w])}": v for w, v in losses.per_width}, {})
+
+    def _all_reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        if self.dist.world_size == 1 or not sums:
+            return sums
+        keys = sorted(sums)
+        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return dict(zip(keys, values.tolist()))
 
     def _update(self, epoch: int) -> None:
         cfg = self.config
@@ -345,14 +407,43 @@ class Trainer:
             self.ema.update(self.model, step=num_updates if cfg["ema_warmup"] else None)
         self.scheduler.step_update(num_updates=num_updates)
 
+    def recalibrate_bn(self, widths) -> None:
+        """Re-estimate the BN statistics of `widths` (live and EMA model) on fixed training batches.
+
+        A width sampled in few steps has running statistics from weights long gone; measuring it with them
+        understates it badly. The batches are the same every time, so resumed and distributed runs agree.
+        """
+        count = self.config["bn_recalibrate_batches"]
+        if not count:
+            return
+        if self.calibration is None:
+            self.calibration = calibration_batches(data_options(self.config), count, self.config["batch_size"],
+                                                   seed=self.config["seed"])
+        models = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        for model in models:
+            for w in widths:
+                recalibrate_bn(model, w, self.calibration)
+        self.model.train()
+
     def validate(self) -> dict[str, float]:
-        metrics = evaluate_widths(self.model, self.val_loader, self.val_widths, self.device, self.autocast,
-                                  self.dist, prefix="")
-        if self.ema is not None:
-            metrics.update(evaluate_widths(self.ema.module, self.val_loader, self.val_widths, self.device,
-                                           self.autocast, self.dist, prefix="ema_"))
+        models = [(self.model, "")] + ([(self.ema.module, "ema_")] if self.ema is not None else [])
+        metrics = {}
+        for model, prefix in models:
+            if self.gated:
+                metrics.update(gating.evaluate_gated(model, self.val_loader, self.device, self.config["sgs"],
+                                                     self.autocast, self._all_reduce_tensor, prefix))
+            else:
+                metrics.update(evaluate_widths(model, self.val_loader, self.val_widths, self.device, self.autocast,
+                                               self.dist, prefix))
         self.model.train()
         return metrics
+
+    def _all_reduce_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        if self.dist.world_size == 1:
+            return values
+        values = values.to(self.device)
+        dist.all_reduce(values)
+        return values.cpu()
 
     # ---- logs and checkpoints -----------------------------------------------------------------------------------
 
@@ -362,7 +453,8 @@ class Trainer:
                 self.writer.add_scalar(key.replace("@", "/"), value, epoch)
         for w in self.val_widths:
             self.writer.add_scalar(f"madds/{width_label(w)}", count_madds(self.model, w), epoch)
-        shown = [f"{k} {row[k]:.2f}" for k in row if k.startswith(("val_top1@", "ema_val_top1@"))]
+        shown = [f"{k} {row[k]:.2f}" for k in row if k.split("@")[0] in ("val_top1", "ema_val_top1", "val_gate_acc")]
+        shown += [f"{k} {row[k] / 1e6:.2f}M" for k in row if k in ("val_madds", "ema_val_madds")]
         print(f"epoch {epoch + 1}/{self.config['epochs']}  loss {row['train_loss']:.4f}  lr {row['lr']:.4g}  "
               f"{row['images_per_s']:.0f} img/s  " + "  ".join(shown), flush=True)
 
@@ -376,6 +468,7 @@ class Trainer:
                 self.best = {"metric": self.best_metric, "value": value, "epoch": epoch}
         state = {
             "model_config": self.model_config.to_dict(),
+            "gate": self.model.config.to_dict() if self.gated else None,
             "config": self.config,
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,

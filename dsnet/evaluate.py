@@ -3,28 +3,38 @@
 Modes: ``sweep`` measures every width choice (or a ``--widths`` subset); ``static`` one subnet, a width choice
 (``--width``) or a per-layer plan file (``--plan``); ``dynamic`` the gated network, which needs a checkpoint with a
 gate. Accuracy and loss come from the supernet's forward at the row's width (equal to the exported dense subnet to
-1e-5); latency is measured on the exported dense subnet, which is what a user deploys.
+1e-5); latency is measured on the exported dense subnet, which is what a user deploys. In dynamic mode every figure
+is the gated network's own: each image runs at the route its gate picks (no noise), sliced, and latency is measured
+on validation images.
 
 The report (``--json``) is one object::
 
     {
       "format": "dsnet-eval", "version": 1,
-      "checkpoint": str, "mode": "sweep" | "static", "weights": "ema" | "model",
+      "checkpoint": str, "mode": "sweep" | "static" | "dynamic", "weights": "ema" | "model",
       "dataset": str, "data_dir": str | null, "split": "val", "num_samples": int,
       "img_size": int, "num_classes": int, "device": str, "threads": int,
       "latency": null (not measured) | {"batch_size": N, "repeats": int, "warmup": int},
       "rows": [
         {
-          "kind": "width" | "plan",        # a width choice, or a per-layer plan that is not one
-          "label": str,                    # "0.35", or the plan file's name
-          "width": float | null,           # the multiplier; null for a per-layer plan
+          "kind": "width" | "plan" | "dynamic",  # a width choice, a per-layer plan, or the gated network
+          "label": str,                    # "0.35", the plan file's name, or "dynamic"
+          "width": float | null,           # the multiplier; null for a per-layer plan and the gated network
           "plan": {group: channels},       # rows of kind "plan" only
           "top1": float, "top5": float,    # percent; top-5 is top-k with k = min(5, classes)
           "loss": float,                   # mean cross-entropy per image
-          "params": int, "madds": int,     # dense subnet; MAdds of one image at img_size
+          "params": int, "madds": int,     # dense subnet; MAdds of one image at img_size (dynamic: parameters of
+                                           # the widest route and the gate; the mean MAdds per image, rounded)
           "latency_ms_b1": float | null,   # median milliseconds per batch of 1 ...
           "latency_ms_bN": float | null,   # ... and per batch of latency.batch_size; null when not measured
-          "bn_recalibration_batches": int  # 0: BN statistics as stored in the checkpoint
+          "bn_recalibration_batches": int, # 0: BN statistics as stored in the checkpoint
+          # rows of kind "dynamic" only:
+          "gate_block": str, "input_width": float,  # where the gate sits; the width of the layers before it
+          "routes": [                      # one per route, narrowest first
+            {"width": float, "madds": int,   # the route's width after the gate; MAdds of one image on it
+             "images": int,                  # validation images the gate sent there
+             "top1": float | null}, ...      # top-1 on those images (null: none went there)
+          ]
         }, ...
       ]
     }
@@ -53,10 +63,11 @@ from timm.utils import accuracy
 from tqdm import tqdm
 
 from .calibrate import recalibrate_bn
-from .checkpoint import load_checkpoint, supernet_from_checkpoint
+from .checkpoint import gated_network_from_checkpoint, load_checkpoint, supernet_from_checkpoint
 from .cli import UserError, write_text_atomic
 from .data import DataOptions, build_dataset, build_loader, calibration_batches, num_classes_of
 from .export import export_subnet
+from .gate import GatedDSNet, calibrate_routes
 from .madds import count_madds, count_params
 from .mobilenetv2 import DSMobileNetV2
 from .plans import load_plan
@@ -123,12 +134,6 @@ def measure_latency_ms(module: torch.nn.Module, input_shape: tuple[int, ...], de
     return statistics.median(times) * 1e3
 
 
-def has_bn_statistics(model: DSMobileNetV2, plan: WidthPlan) -> bool:
-    """Whether the model holds BN statistics for `plan`: every width choice does, a custom plan only once calibrated."""
-    # Read the buffer directly: model.stats_slot would reset the custom slot if the model were in training mode.
-    return plan.choice is not None or tuple(model.calibrated_plan.tolist()) == plan.channels
-
-
 def width_label(model: DSMobileNetV2, plan: WidthPlan) -> str:
     return f"{model.widths[plan.choice]:g}" if plan.choice is not None else "plan"
 
@@ -159,6 +164,88 @@ def subnet_row(model: DSMobileNetV2, plan: WidthPlan, loader: Iterable, device: 
         row["latency_ms_bN"] = measure_latency_ms(dense, (latency.batch_size, *shape), device, latency.repeats,
                                                   latency.warmup)
     row["bn_recalibration_batches"] = recalibrated
+    return row
+
+
+@torch.inference_mode()
+def measure_dynamic_latency_ms(gated: GatedDSNet, images: torch.Tensor, batch_size: int, device: torch.device,
+                               repeats: int, warmup: int) -> float:
+    """Median wall time in milliseconds of the gated network on `batch_size` real images, after warm-up.
+
+    Each run takes the next `batch_size` of `images` (cycling), so the runs see the routes those images take.
+    """
+    images = images.to(device)
+    while len(images) < batch_size:
+        images = torch.cat([images, images])
+    starts = [(i * batch_size) % (len(images) - batch_size + 1) for i in range(warmup + repeats)]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = []
+    for i, start in enumerate(starts):
+        x = images[start:start + batch_size]
+        sync()
+        begin = time.perf_counter()
+        gated(x)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times) * 1e3
+
+
+def dynamic_row(gated: GatedDSNet, loader: Iterable, device: torch.device, img_size: int, *,
+                calibration: list | None = None, latency: LatencyOptions | None = None,
+                progress: tqdm | None = None) -> dict[str, Any]:
+    """Measure the gated network: a report row of kind "dynamic", with a breakdown per route.
+
+    With `calibration` (a list of training batches) the BN statistics of every route are re-estimated first.
+    """
+    num_routes = len(gated.route_plans)
+    recalibrated = calibrate_routes(gated, calibration, routes=range(num_routes)) if calibration else 0
+    gated.eval()
+    correct1, correct5, images_per_route = (torch.zeros(num_routes, dtype=torch.long) for _ in range(3))
+    loss_sum, madds_sum, kept = 0.0, 0, []
+    with torch.inference_mode():
+        for images, targets in loader:
+            images, targets = images.to(device), targets.to(device)
+            logits, info = gated(images, return_info=True)
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            top5 = logits.topk(k, dim=1).indices
+            hit1 = (top5[:, 0] == targets).long().cpu()
+            hit5 = (top5 == targets[:, None]).any(dim=1).long().cpu()
+            routes = info.routes.cpu()
+            correct1.index_add_(0, routes, hit1)
+            correct5.index_add_(0, routes, hit5)
+            images_per_route.index_add_(0, routes, torch.ones_like(routes))
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+            madds_sum += int(info.madds.sum())
+            if latency is not None and sum(len(x) for x in kept) < latency.batch_size + latency.repeats:
+                kept.append(images.cpu())
+            if progress is not None:
+                progress.update(1)
+    count = int(images_per_route.sum())
+    if count == 0:
+        raise UserError("the evaluation dataset is empty")
+    route_madds = gated.route_madds(img_size)
+    row: dict[str, Any] = {
+        "kind": "dynamic", "label": "dynamic", "width": None,
+        "top1": 100.0 * int(correct1.sum()) / count, "top5": 100.0 * int(correct5.sum()) / count,
+        "loss": loss_sum / count, "params": gated.num_params(), "madds": round(madds_sum / count),
+        "latency_ms_b1": None, "latency_ms_bN": None, "bn_recalibration_batches": recalibrated,
+        "gate_block": gated.config.block, "input_width": gated.config.input_width,
+        "routes": [{"width": w, "madds": int(route_madds[r]), "images": int(images_per_route[r]),
+                    "top1": 100.0 * int(correct1[r]) / int(images_per_route[r]) if images_per_route[r] else None}
+                   for r, w in enumerate(gated.route_widths)],
+    }
+    if latency is not None:
+        kept_images = torch.cat(kept)
+        row["latency_ms_b1"] = measure_dynamic_latency_ms(gated, kept_images, 1, device, latency.repeats,
+                                                          latency.warmup)
+        row["latency_ms_bN"] = measure_dynamic_latency_ms(gated, kept_images, latency.batch_size, device,
+                                                          latency.repeats, latency.warmup)
     return row
 
 
@@ -227,6 +314,24 @@ def validate_report(report: Any) -> None:
             plan = row.get("plan")
             if not isinstance(plan, dict) or not all(isinstance(k, str) and type(v) is int for k, v in plan.items()):
                 raise ValueError(f"{where}: a row of kind 'plan' needs 'plan', a mapping of group to channels")
+        if row["kind"] == "dynamic":
+            _validate_routes(where, row)
+
+
+def _validate_routes(where: str, row: dict[str, Any]) -> None:
+    routes = row.get("routes")
+    if not isinstance(routes, list) or not routes:
+        raise ValueError(f"{where}: a row of kind 'dynamic' needs 'routes', a list of objects")
+    for j, route in enumerate(routes):
+        at = f"{where}['routes'][{j}]"
+        if not isinstance(route, dict):
+            raise ValueError(f"{at} must be an object")
+        for key, types in (("width", _REAL), ("madds", (int,)), ("images", (int,)), ("top1", (*_REAL, _NONE))):
+            if key not in route:
+                raise ValueError(f"{at} lacks key {key!r}")
+            _check_type(f"{at}[{key!r}]", route[key], types)
+        if (route["top1"] is None) != (route["images"] == 0):
+            raise ValueError(f"{at}: top1 must be a number exactly when images went to the route")
 
 
 def report_json(report: dict[str, Any]) -> str:
@@ -266,10 +371,22 @@ def format_table(report: dict[str, Any]) -> str:
         if latency is not None:
             line += f" {row['latency_ms_b1']:>8.2f} {row['latency_ms_bN']:>9.2f}"
         lines.append(line)
+    for row in report["rows"]:
+        if row.get("routes"):
+            lines += ["", f"routes of the gate in {row['gate_block']} (layers before it at width "
+                          f"{row['input_width']:g}):",
+                      f"{'width':>8} {'images':>7} {'share':>7} {'top-1':>7} {'MAdds':>10}"]
+            total = max(1, sum(r["images"] for r in row["routes"]))
+            for r in row["routes"]:
+                top1 = f"{r['top1']:>7.2f}" if r["top1"] is not None else f"{'-':>7}"
+                lines.append(f"{r['width']:>8g} {r['images']:>7} {100 * r['images'] / total:>6.1f}% {top1} "
+                             f"{r['madds'] / 1e6:>9.2f}M")
     about = (f"{Path(report['checkpoint']).name} ({report['weights']} weights) on {report['dataset']} "
              f"{report['split']}: {report['num_samples']} images at {report['img_size']}×{report['img_size']}")
     if latency is not None:
-        about += (f"; latency of the dense subnet on {report['device']}, {report['threads']} "
+        measured = ("the gated network on validation images" if report["mode"] == "dynamic"
+                    else "the dense subnet")
+        about += (f"; latency of {measured} on {report['device']}, {report['threads']} "
                   f"thread{'s' if report['threads'] != 1 else ''}, "
                   f"median of {latency['repeats']}")
     return "\n".join(lines + [about])
@@ -283,6 +400,7 @@ examples:
   python eval.py --mode sweep --checkpoint ckpt.pth --widths 0.35 1.0 --no-latency --csv sweep.csv
   python eval.py --mode static --checkpoint ckpt.pth --width 0.5
   python eval.py --mode static --checkpoint ckpt.pth --plan plan.json --recalibrate-bn 16
+  python eval.py --mode dynamic --checkpoint runs/gate-digits/best.pth --json dynamic.json
 """
 
 
@@ -401,8 +519,9 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def load_model(args: argparse.Namespace) -> tuple[dict[str, Any], DSMobileNetV2, str]:
-    """The checkpoint, its supernet with the chosen weights, and which weights those are."""
+def load_model(args: argparse.Namespace) -> tuple[dict[str, Any], DSMobileNetV2 | GatedDSNet, str]:
+    """The checkpoint, its network with the chosen weights (the gated network in dynamic mode, else the supernet),
+    and which weights those are."""
     checkpoint = load_checkpoint(args.checkpoint)
     for key in ("model_config", "model"):
         if key not in checkpoint:
@@ -413,6 +532,8 @@ def load_model(args: argparse.Namespace) -> tuple[dict[str, Any], DSMobileNetV2,
     if args.weights == "ema" and not has_ema:
         raise UserError(f"checkpoint {args.checkpoint!r} has no EMA weights; use --weights model")
     weights = args.weights or ("ema" if has_ema else "model")
+    if args.mode == "dynamic":
+        return checkpoint, gated_network_from_checkpoint(checkpoint, weights), weights
     return checkpoint, supernet_from_checkpoint(checkpoint, weights), weights
 
 
@@ -478,11 +599,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Everything between the parsed arguments and the finished report."""
-    checkpoint, model, weights = load_model(args)
-    if args.mode == "dynamic":
-        # Rows of kind "dynamic" (one per gate threshold) go here once the gate exists; report and plot take them.
-        raise UserError("dynamic evaluation is not available in this version of dsnet")
-    subnets = subnets_to_measure(args, model)
+    checkpoint, network, weights = load_model(args)
+    model = network.supernet if isinstance(network, GatedDSNet) else network
+    subnets = subnets_to_measure(args, model) if args.mode != "dynamic" else []
     opts = data_options(args, checkpoint, model)
     dataset = build_dataset(opts, train=False)
     classes = num_classes_of(dataset)
@@ -491,18 +610,21 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> dict[
     loader = build_loader(dataset, args.batch_size, train=False, workers=args.workers)
 
     calibration_size = args.recalibrate_bn
-    if calibration_size is None and any(not has_bn_statistics(model, plan) for plan, _ in subnets):
+    if calibration_size is None and any(not model.has_bn_statistics(plan) for plan, _ in subnets):
         calibration_size = DEFAULT_RECALIBRATION_BATCHES
         print(f"the checkpoint has no BN statistics for plan {args.plan!r}; recalibrating them on "
               f"{calibration_size} training batches (set the number with --recalibrate-bn N)", file=sys.stderr)
     calibration = calibration_batches(opts, calibration_size, args.batch_size) if calibration_size else None
 
-    model.to(device)
+    network.to(device)
     latency = None if args.no_latency else LatencyOptions(args.latency_batch_size, args.latency_repeats,
                                                           args.latency_warmup)
     rows = []
-    with tqdm(total=len(loader) * len(subnets), desc="evaluating", unit="batch", file=sys.stderr, leave=False,
-              disable=args.no_progress) as progress:
+    with tqdm(total=len(loader) * max(1, len(subnets)), desc="evaluating", unit="batch", file=sys.stderr,
+              leave=False, disable=args.no_progress) as progress:
+        if isinstance(network, GatedDSNet):
+            rows.append(dynamic_row(network, loader, device, opts.img_size, calibration=calibration,
+                                    latency=latency, progress=progress))
         for plan, label in subnets:
             progress.set_description(f"width {label or width_label(model, plan)}")
             rows.append(subnet_row(model, plan, loader, device, opts.img_size, label=label, calibration=calibration,

@@ -144,7 +144,7 @@ def prepare_bn_statistics(model: DSMobileNetV2, plan: WidthPlan, state: dict[str
         return f"BN statistics recalibrated on {used} batches of {batch_size} {options.data} training images"
     if plan.choice is not None:
         return f"BN statistics of width choice {model.widths[plan.choice]}"
-    if tuple(model.calibrated_plan.tolist()) == plan.channels:
+    if model.has_bn_statistics(plan):
         return "BN statistics of this plan, calibrated in the checkpoint"
     raise UserError("this plan is not a width choice and the checkpoint holds no BN statistics for it; "
                     "pass --recalibrate-bn N to recalibrate them on N training batches")

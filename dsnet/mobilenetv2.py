@@ -44,6 +44,7 @@ class SupernetConfig:
     kernel_size: int = 3
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5
+    custom_bn_slots: int = 1  # BN statistics slots for plans that are not width choices (e.g. a gate's routes)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SupernetConfig":
@@ -72,6 +73,9 @@ class SupernetConfig:
                 raise ValueError(f"each stage is (expand_ratio, channels, repeats, stride) ≥ 1, got {stage}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.custom_bn_slots, bool) or not isinstance(self.custom_bn_slots, int) \
+                or self.custom_bn_slots < 1:
+            raise ValueError(f"custom_bn_slots must be a positive integer, got {self.custom_bn_slots}")
 
 
 @dataclass(frozen=True)
@@ -101,13 +105,19 @@ class DepthwiseSeparable(nn.Module):
         self.conv_pw = SlimConv2d(in_channels, out_channels, 1)
         self.bn2 = SlimBatchNorm2d(out_channels, num_slots, **bn_args)
 
+    def hidden_features(self, x: torch.Tensor, hidden: int, slot: int) -> torch.Tensor:
+        """The features squeeze-excitation (or a gate) acts on: after the depthwise convolution."""
+        return F.relu6(self.bn1(self.conv_dw(x), slot), inplace=True)
+
+    def project(self, h: torch.Tensor, out: int, slot: int) -> torch.Tensor:
+        return self.bn2(self.conv_pw(h, out), slot)
+
     def forward(self, x: torch.Tensor, hidden: int, out: int, se_channels: int, slot: int) -> torch.Tensor:
-        shortcut = x
-        x = F.relu6(self.bn1(self.conv_dw(x), slot), inplace=True)
+        h = self.hidden_features(x, hidden, slot)
         if self.se is not None:
-            x = self.se(x, se_channels)
-        x = self.bn2(self.conv_pw(x, out), slot)
-        return x + shortcut if self.has_skip else x
+            h = self.se(h, se_channels)
+        y = self.project(h, out, slot)
+        return y + x if self.has_skip else y
 
 
 class InvertedResidual(nn.Module):
@@ -125,14 +135,20 @@ class InvertedResidual(nn.Module):
         self.conv_pwl = SlimConv2d(hidden_channels, out_channels, 1)
         self.bn3 = SlimBatchNorm2d(out_channels, num_slots, **bn_args)
 
-    def forward(self, x: torch.Tensor, hidden: int, out: int, se_channels: int, slot: int) -> torch.Tensor:
-        shortcut = x
+    def hidden_features(self, x: torch.Tensor, hidden: int, slot: int) -> torch.Tensor:
+        """The features squeeze-excitation (or a gate) acts on: expanded, after the depthwise convolution."""
         x = F.relu6(self.bn1(self.conv_pw(x, hidden), slot), inplace=True)
-        x = F.relu6(self.bn2(self.conv_dw(x), slot), inplace=True)
+        return F.relu6(self.bn2(self.conv_dw(x), slot), inplace=True)
+
+    def project(self, h: torch.Tensor, out: int, slot: int) -> torch.Tensor:
+        return self.bn3(self.conv_pwl(h, out), slot)
+
+    def forward(self, x: torch.Tensor, hidden: int, out: int, se_channels: int, slot: int) -> torch.Tensor:
+        h = self.hidden_features(x, hidden, slot)
         if self.se is not None:
-            x = self.se(x, se_channels)
-        x = self.bn3(self.conv_pwl(x, out), slot)
-        return x + shortcut if self.has_skip else x
+            h = self.se(h, se_channels)
+        y = self.project(h, out, slot)
+        return y + x if self.has_skip else y
 
 
 @dataclass(frozen=True)
@@ -157,8 +173,10 @@ class DSMobileNetV2(nn.Module):
         config.validate()
         self.config = config
         self.widths = tuple(config.widths)
-        self.custom_slot = len(self.widths)  # BN slot of a plan that is not a width choice
-        self.num_slots = len(self.widths) + 1
+        # BN statistics slots: one per width choice, then `custom_bn_slots` for plans that are not choices.
+        self.custom_slot = len(self.widths)  # the first custom slot
+        self.num_custom_slots = config.custom_bn_slots
+        self.num_slots = len(self.widths) + self.num_custom_slots
         self._build_layout()
         self.choice_plans = tuple(WidthPlan(self.group_names, self._uniform_channels(w), i)
                                   for i, w in enumerate(self.widths))
@@ -170,8 +188,9 @@ class DSMobileNetV2(nn.Module):
             if any(c > m for c, m in zip(plan.channels, self.max_channels)):
                 raise ValueError(f"width {self.widths[i]} is wider than the largest width in some layer")
         self._build_layers()
-        # The plan whose statistics the custom BN slot holds (zeros: none yet). A buffer so checkpoints keep it.
-        self.register_buffer("calibrated_plan", torch.zeros(len(self.group_names), dtype=torch.long))
+        # Row i: the plan whose statistics custom slot i holds (zeros: none yet). A buffer so checkpoints keep it.
+        self.register_buffer("calibrated_plans",
+                             torch.zeros(self.num_custom_slots, len(self.group_names), dtype=torch.long))
         self._routes: dict[Any, _Route] = {}
         self._init_weights()
 
@@ -370,30 +389,115 @@ class DSMobileNetV2(nn.Module):
         """The BN statistics slot a plan runs with; refuses to evaluate a plan whose statistics were never collected."""
         if plan.choice is not None:
             return plan.choice
-        collected = tuple(self.calibrated_plan.tolist()) == plan.channels
-        if not collected:
+        slot = self.custom_slot_of(plan)
+        if slot is None:
             if not self.training:
                 raise ValueError("BN statistics of this width plan were never collected; run "
                                  "dsnet.recalibrate_bn(model, plan, batches) first")
             # Training a new custom plan: its statistics start afresh rather than mix with another plan's.
-            self.reset_bn_slot(self.custom_slot)
-            self.calibrated_plan.copy_(torch.tensor(plan.channels))
-        return self.custom_slot
+            slot = self.claim_custom_slot(plan)
+        return slot
+
+    def custom_slot_of(self, plan: WidthPlan) -> int | None:
+        """The custom slot holding statistics of `plan`, or None."""
+        rows = self.calibrated_plans.tolist()
+        channels = list(plan.channels)
+        return next((self.custom_slot + i for i, row in enumerate(rows) if row == channels), None)
+
+    @property
+    def calibrated_plan(self) -> torch.Tensor:
+        """The plan held by the first custom slot (the single-slot view older callers read); prefer
+        `has_bn_statistics(plan)`, which looks at every custom slot."""
+        return self.calibrated_plans[0]
+
+    def has_bn_statistics(self, plan: WidthPlan) -> bool:
+        """Whether `plan` can be evaluated: every width choice can, a custom plan once its statistics are collected."""
+        return plan.choice is not None or self.custom_slot_of(plan) is not None
+
+    def claim_custom_slot(self, plan: WidthPlan) -> int:
+        """Reset a custom slot and record that it now belongs to `plan`: the slot already holding `plan`, else the
+        first free one, else the last one (its plan loses its statistics). Returns the slot."""
+        slot = self.custom_slot_of(plan)
+        if slot is None:
+            free = [i for i, row in enumerate(self.calibrated_plans.tolist()) if not any(row)]
+            slot = self.custom_slot + (free[0] if free else self.num_custom_slots - 1)
+        self.reset_bn_slot(slot)
+        self.calibrated_plans[slot - self.custom_slot].copy_(torch.tensor(plan.channels))
+        return slot
 
     def reset_bn_slot(self, slot: int) -> None:
         for module in self.modules():
             if isinstance(module, SlimBatchNorm2d):
                 module.reset_slot(slot)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._pad_custom_slots(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _pad_custom_slots(self, state_dict: dict, prefix: str) -> None:
+        """Let a state dict with fewer custom BN slots load: the missing slots are added empty.
+
+        Also reads the single-slot form (a ``calibrated_plan`` vector) that supernets had before
+        ``custom_bn_slots`` existed.
+        """
+        old_key, key = prefix + "calibrated_plan", prefix + "calibrated_plans"
+        if old_key in state_dict and key not in state_dict:
+            state_dict[key] = state_dict.pop(old_key).reshape(1, -1)
+        plans = state_dict.get(key)
+        if plans is None or plans.dim() != 2 or plans.shape[1] != len(self.group_names):
+            return
+        missing = self.num_custom_slots - plans.shape[0]
+        if missing <= 0:
+            return
+        state_dict[key] = torch.cat([plans, plans.new_zeros(missing, plans.shape[1])])
+        loaded_slots = len(self.widths) + plans.shape[0]
+        empty = {"running_mean": 0.0, "running_var": 1.0, "num_batches_tracked": 0}
+        for name, module in self.named_modules():
+            if not isinstance(module, SlimBatchNorm2d):
+                continue
+            for buffer, fill in empty.items():
+                full = f"{prefix}{name}.{buffer}"
+                value = state_dict.get(full)
+                if value is not None and value.shape[0] == loaded_slots:
+                    pad = value.new_full((missing, *value.shape[1:]), fill)
+                    state_dict[full] = torch.cat([value, pad])
+
     # ---- forward ------------------------------------------------------------------------------------------------
 
     def forward_features(self, x: torch.Tensor, width: Any = None) -> torch.Tensor:
         route = self._route(width)
         slot = self.stats_slot(route.plan)
-        x = F.relu6(self.bn1(self.conv_stem(x, route.stem), slot), inplace=True)
-        for block, (hidden, out, se) in zip(self._flat_blocks, route.blocks):
+        x = self._stem(x, route, slot)
+        x = self._blocks(x, route, slot, 0, len(self._flat_blocks))
+        return self._head_features(x, route, slot)
+
+    def _stem(self, x: torch.Tensor, route: _Route, slot: int) -> torch.Tensor:
+        return F.relu6(self.bn1(self.conv_stem(x, route.stem), slot), inplace=True)
+
+    def _blocks(self, x: torch.Tensor, route: _Route, slot: int, start: int, stop: int) -> torch.Tensor:
+        for block, (hidden, out, se) in zip(self._flat_blocks[start:stop], route.blocks[start:stop]):
             x = block(x, hidden, out, se, slot)
+        return x
+
+    def _head_features(self, x: torch.Tensor, route: _Route, slot: int) -> torch.Tensor:
         return F.relu6(self.bn2(self.conv_head(x, route.head), slot), inplace=True)
+
+    # The network in parts, for a caller that runs its layers at different widths or BN slots (the gated network).
+
+    def forward_stem(self, x: torch.Tensor, plan: WidthPlan, slot: int) -> torch.Tensor:
+        return self._stem(x, self._route(plan), slot)
+
+    def forward_blocks(self, x: torch.Tensor, plan: WidthPlan, slot: int, start: int = 0,
+                       stop: int | None = None) -> torch.Tensor:
+        """Blocks `start` … `stop - 1`, counted over all stages in the order of `block_specs`."""
+        return self._blocks(x, self._route(plan), slot, start, len(self._flat_blocks) if stop is None else stop)
+
+    def forward_head_features(self, x: torch.Tensor, plan: WidthPlan, slot: int) -> torch.Tensor:
+        return self._head_features(x, self._route(plan), slot)
+
+    def block(self, index: int) -> nn.Module:
+        """Block `index`, counted over all stages in the order of `block_specs`."""
+        return self._flat_blocks[index]
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(global_avg_pool(x)))

@@ -168,7 +168,7 @@ def search_plan(model: DSMobileNetV2, target_madds: int, calibration_batches: Se
         trajectory.append(SearchStep(madds, count_params(model, plan), top1, best.narrowed, best.channels))
         if progress is not None:
             progress(trajectory[-1], len(candidates), time.perf_counter() - start)
-    if plan.choice is None and tuple(model.calibrated_plan.tolist()) != plan.channels:
+    if not model.has_bn_statistics(plan):
         recalibrate_bn(model, plan, calibration_batches)
     return SearchResult(plan, madds, count_params(model, plan), top1, trajectory)
 

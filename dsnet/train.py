@@ -3,15 +3,18 @@ from __future__ import annotations
 
 from .config import parse_config
 
-DESCRIPTION = """Train a dsnet supernet (stage I: sandwich of widths, in-place ensemble bootstrapping from an EMA
-teacher). The defaults are the digits recipe (configs/digits.yaml): the bare command trains on the built-in digits
-set in a few minutes on a CPU. Every key of a YAML recipe (-c) is also a flag below; flags override the recipe.
+DESCRIPTION = """Train a dsnet supernet (--stage supernet: a sandwich of widths per step, in-place ensemble
+bootstrapping from an EMA teacher) or its gate (--stage gate --init STAGE1_CHECKPOINT: double-headed gate, sandwich
+gate sparsification, MAdds loss). The defaults are the digits recipe (configs/digits.yaml): the bare command trains
+on the built-in digits set in a few minutes on a CPU. Every key of a YAML recipe (-c) is also a flag below; flags
+override the recipe.
 
 examples:
   python train.py --stage supernet                  # digits, the built-in default
   python train.py -c configs/cifar10.yaml --data-dir /data/cifar10
   torchrun --nproc_per_node=2 train.py --output runs/ddp
   python train.py --resume runs/supernet-digits/last.pth
+  python train.py --stage gate --init runs/supernet-digits/best.pth
 """
 
 

@@ -16,7 +16,7 @@ from dsnet.supernet import sandwich_step, sandwich_widths
 REPO = Path(__file__).resolve().parent.parent
 # Small and fast: 8 px digits, four widths, big batches.
 TINY = ["--img-size", "8", "--widths", "0.35", "0.5", "0.75", "1.0", "--batch-size", "256", "--val-batch-size",
-        "512", "--warmup-epochs", "0", "--log-interval", "1000"]
+        "512", "--warmup-epochs", "0", "--log-interval", "1000", "--ema"]
 
 
 def make_trainer(tmp_path, *flags, name="run"):
@@ -90,7 +90,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypatc
     (["--data", "cifar10"], "needs --data-dir"),
     (["--data", "imagenet21k"], "invalid choice"),
     (["--data", "cifar10", "--data-dir", "/no/such/dir"], "does not exist"),
-    (["--stage", "gate"], "not yet available"),
+    (["--stage", "gate"], "--stage gate needs --init CHECKPOINT"),
     (["--epochs", "0"], "epochs must be a positive integer"),
 ])
 def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message):

@@ -91,7 +91,7 @@ def test_uncollected_custom_plan_is_refused_in_eval_and_recalibration_touches_on
         if key.endswith(("running_mean", "running_var")):
             assert torch.equal(value[:2], state[key][:2]), key
             assert not torch.equal(value[2], state[key][2]), key
-        elif key != "calibrated_plan" and not key.endswith("num_batches_tracked"):
+        elif key != "calibrated_plans" and not key.endswith("num_batches_tracked"):
             assert torch.equal(value, state[key]), key
     model(torch.randn(1, 3, 32, 32), plan)  # now allowed
 
@@ -105,3 +105,30 @@ def test_recalibration_is_the_exact_average_over_batches():
     expected = torch.stack(means).mean(0)
     got = model.bn1.running_mean[0, :model.smallest["stem"]]
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_several_custom_plans_keep_their_own_statistics_and_one_slot_checkpoints_load_padded():
+    one_slot = dsnet.create_supernet(num_classes=10, small_input=True, widths=[0.5, 1.0]).eval()
+    first, second = one_slot.resolve_width(0.7), one_slot.resolve_width(0.6)
+    batches = [torch.randn(4, 3, 32, 32) + 1 for _ in range(2)]
+    dsnet.recalibrate_bn(one_slot, first, batches)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = {0: one_slot(x, 0), 1: one_slot(x, 1), "first": one_slot(x, first)}
+
+    three_slots = dsnet.create_supernet(num_classes=10, small_input=True, widths=[0.5, 1.0], custom_bn_slots=3)
+    three_slots.load_state_dict(one_slot.state_dict(), strict=True)  # the two new slots are added empty
+    three_slots.eval()
+    assert three_slots.calibrated_plans.shape == (3, len(three_slots.group_names))
+    assert three_slots.has_bn_statistics(first) and not three_slots.has_bn_statistics(second)
+    dsnet.recalibrate_bn(three_slots, second, [b * 2 for b in batches])
+    assert three_slots.stats_slot(first) == 2 and three_slots.stats_slot(second) == 3
+    with torch.no_grad():
+        for key, value in expected.items():
+            assert torch.equal(three_slots(x, first if key == "first" else key), value), key
+        assert not torch.allclose(three_slots(x, second), one_slot(x, 0), atol=1e-3)
+    # a third custom plan takes the last free slot; a fourth replaces the last slot, the others stay
+    third, fourth = three_slots.resolve_width(0.8), three_slots.resolve_width(0.9)
+    dsnet.recalibrate_bn(three_slots, third, batches)
+    dsnet.recalibrate_bn(three_slots, fourth, batches)
+    assert [three_slots.has_bn_statistics(p) for p in (first, second, third, fourth)] == [True, True, False, True]

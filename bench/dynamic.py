@@ -1,0 +1,136 @@
+"""Latency of the dynamic (gated) network against the exported dense subnets of its routes.
+
+The supernet has random weights and a gate in its default place with the default routes. The gate's slimming
+head is set so that a pool of random inputs spreads evenly over the routes. Everything runs in eval mode with a
+fixed thread count. The functions compared are interleaved repeat by repeat after a warm-up; each figure is a
+median.
+
+- Batch 1, for an input routed to the smallest and one routed to the largest route: the gated network against
+  the dense subnet of that route plus the gate alone on its input. Target: ratio ≤ 1.05. The supernet's own
+  sliced forward at the route's plan is shown too: the part of the ratio that slicing costs, gate or no gate.
+- A batch of 64 with mixed routes: the gated network, which groups the inputs by route and runs each group
+  sliced, against the ideal, which is the sum of each route's dense subnet on its group of inputs. Target:
+  ideal / dynamic ≥ 0.9. The gated network runs the layers before the gate on the whole batch at once, so a
+  control shows what batch size alone does here: the widest route's dense subnet on the whole batch against the
+  same images in groups of the same sizes.
+
+    python bench/dynamic.py [--img-size 224] [--threads 2] [--repeats 15]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import dsnet
+from dsnet.gate import GateConfig, GatedDSNet, default_routes, insert_gate
+
+
+def median_latencies(calls, repeats: int, warmup: int) -> list[float]:
+    """Median seconds of each zero-argument call, the calls interleaved repeat by repeat."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for call in calls:
+                call()
+        times = [[] for _ in calls]
+        for _ in range(repeats):
+            for call, t in zip(calls, times):
+                start = time.perf_counter()
+                call()
+                t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+@torch.no_grad()
+def spread_routes(gated: GatedDSNet, pool: torch.Tensor) -> torch.Tensor:
+    """Set the slimming head so that route r takes the inputs of `pool` whose projection on a random direction of
+    the squeezed features lies in the r-th quantile band. Returns the route of every input of the pool."""
+    head = gated.gate.slimming
+    num_routes = head.out_features
+    direction = torch.randn(head.in_features, generator=torch.Generator().manual_seed(0))
+    head.weight.copy_(torch.arange(num_routes, dtype=torch.float32)[:, None] * direction)
+    head.bias.zero_()
+    _, info = gated(pool, return_info=True)
+    projection = info.route_logits[:, 1] if num_routes > 1 else info.route_logits[:, 0]
+    thresholds = torch.quantile(projection, torch.arange(1, num_routes) / num_routes)
+    # Logit r is r·t − (q_1 + … + q_r): the argmax is the number of thresholds below t.
+    head.bias.copy_(-torch.cat([torch.zeros(1), torch.cumsum(thresholds, 0)]))
+    return gated(pool, return_info=True)[1].routes
+
+
+def gate_input(gated: GatedDSNet, x: torch.Tensor) -> torch.Tensor:
+    """The features the gate reads (the gate block's hidden features at the input width)."""
+    net, plan = gated.supernet, gated.input_plan
+    h = net.forward_blocks(net.forward_stem(x, plan, plan.choice), plan, plan.choice, 0, gated.gate_index)
+    spec = gated.gate_spec
+    hidden = plan.channels[spec.hidden_group] if spec.hidden_group is not None else 0
+    return net.block(gated.gate_index).hidden_features(h, hidden, plan.choice)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--small-input", action="store_true", help="small-input stem (use with --img-size 32)")
+    parser.add_argument("--num-routes", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64, help="the mixed batch (default 64)")
+    parser.add_argument("--pool", type=int, default=128, help="random inputs the routes are spread over")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    size = args.img_size
+    supernet = dsnet.create_supernet(num_classes=1000, small_input=args.small_input, img_size=size).eval()
+    config = GateConfig(routes=default_routes(supernet.widths, args.num_routes), input_width=supernet.widths[-1])
+    gated = insert_gate(supernet, config, [torch.randn(8, 3, size, size)]).eval()  # BN statistics of the routes
+    pool = torch.randn(args.pool, 3, size, size)
+    pool_routes = spread_routes(gated, pool)
+    dense = [dsnet.export_subnet(gated.supernet, plan) for plan in gated.route_plans]
+    madds = gated.route_madds(size)
+    print(f"torch {torch.__version__}, {args.threads} threads, {size} px, medians of {args.repeats}; gate in "
+          f"{config.block}, layers before it at width {config.input_width:g}")
+    print("routes: " + ", ".join(f"{w:g} ({m / 1e6:.1f}M MAdds)" for w, m in zip(config.routes, madds.tolist())))
+
+    print(f"{'route':>6} {'batch':>5} {'dynamic ms':>11} {'dense ms':>9} {'gate ms':>8} {'ratio':>7} "
+          f"{'sliced ms':>10} {'sliced/dense':>13}")
+    worst = 0.0
+    for route in (0, len(dense) - 1):
+        x = pool[pool_routes == route][:1]
+        h = gate_input(gated, x)
+        plan = gated.route_plans[route]
+        dynamic_s, dense_s, gate_s, sliced_s = median_latencies(
+            [lambda: gated(x), lambda: dense[route](x), lambda: gated.gate(h), lambda: gated.supernet(x, plan)],
+            args.repeats, args.warmup)
+        ratio = dynamic_s / (dense_s + gate_s)
+        worst = max(worst, ratio)
+        print(f"{config.routes[route]:>6g} {1:>5} {dynamic_s * 1e3:>11.2f} {dense_s * 1e3:>9.2f} "
+              f"{gate_s * 1e3:>8.3f} {ratio:>7.3f} {sliced_s * 1e3:>10.2f} {sliced_s / dense_s:>13.3f}", flush=True)
+
+    per_route = args.batch_size // len(dense)
+    picks = torch.cat([(pool_routes == r).nonzero().squeeze(1)[:per_route] for r in range(len(dense))])
+    batch = pool[picks[torch.randperm(len(picks), generator=torch.Generator().manual_seed(1))]]
+    with torch.no_grad():
+        routes = gated(batch, return_info=True)[1].routes
+    groups = [batch[routes == r] for r in range(len(dense))]
+    present = [r for r in range(len(dense)) if len(groups[r])]
+    widest = dense[-1]
+    calls = ([lambda: gated(batch)] + [lambda r=r: dense[r](groups[r]) for r in present]
+             + [lambda: widest(batch), lambda: [widest(groups[r]) for r in present]])
+    times = median_latencies(calls, args.repeats, args.warmup)
+    dynamic_s, ideal_s = times[0], sum(times[1:1 + len(present)])
+    whole_s, grouped_s = times[-2], times[-1]
+    sizes = ", ".join(f"{w:g}: {len(g)}" for w, g in zip(config.routes, groups))
+    print(f"mixed batch of {len(batch)} ({sizes}): dynamic {dynamic_s * 1e3:.1f} ms, ideal (dense subnets on their "
+          f"groups) {ideal_s * 1e3:.1f} ms")
+    print(f"control: dense subnet of route {config.routes[-1]:g} on all {len(batch)} images {whole_s * 1e3:.1f} ms, "
+          f"on the same groups {grouped_s * 1e3:.1f} ms (batch-size effect {grouped_s / whole_s:.3f})")
+    print(f"max batch-1 ratio {worst:.3f} (target ≤ 1.05)")
+    print(f"mixed-batch throughput vs ideal {ideal_s / dynamic_s:.3f} (target ≥ 0.9); with the ideal scaled by the "
+          f"batch-size effect {ideal_s * whole_s / grouped_s / dynamic_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()
