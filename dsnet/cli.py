@@ -46,6 +46,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise UserError(f"output directory {str(path.parent)!r} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the permissions a plain open() would give, not mkstemp's private 0600
     try:
         yield Path(tmp)
         os.replace(tmp, path)

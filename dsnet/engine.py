@@ -319,9 +319,12 @@ class Trainer:
                     self.recalibrate_bn(self.widths if epoch + 1 == cfg["epochs"] else self.val_widths)
                 row.update(self.validate())
             self.summary_rows.append(row)
+            improved = self._update_best(epoch, row)
+            if improved and not self.gated and epoch + 1 != cfg["epochs"]:
+                self.recalibrate_bn(self.widths)  # best.pth holds fresh statistics for every width too
             if self.dist.is_main:
                 self._log_epoch(epoch, row)
-                self._save(epoch, row)
+                self._save(epoch, row, improved)
         if self.dist.is_main:
             self.writer.close()
         if self.dist.world_size > 1:
@@ -458,14 +461,18 @@ class Trainer:
         print(f"epoch {epoch + 1}/{self.config['epochs']}  loss {row['train_loss']:.4f}  lr {row['lr']:.4g}  "
               f"{row['images_per_s']:.0f} img/s  " + "  ".join(shown), flush=True)
 
-    def _save(self, epoch: int, row: dict[str, Any]) -> None:
+    def _update_best(self, epoch: int, row: dict[str, Any]) -> bool:
+        """Track the best epoch by the best metric (on every process: metrics are reduced); True if this one is."""
+        if self.best_metric not in row:
+            return False
+        value = row[self.best_metric]
+        if self.best is not None and value <= self.best["value"]:
+            return False
+        self.best = {"metric": self.best_metric, "value": value, "epoch": epoch}
+        return True
+
+    def _save(self, epoch: int, row: dict[str, Any], improved: bool) -> None:
         write_summary(self.output / "summary.csv", self.summary_rows)
-        improved = False
-        if self.best_metric in row:
-            value = row[self.best_metric]
-            improved = self.best is None or value > self.best["value"]
-            if improved:
-                self.best = {"metric": self.best_metric, "value": value, "epoch": epoch}
         state = {
             "model_config": self.model_config.to_dict(),
             "gate": self.model.config.to_dict() if self.gated else None,
