@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+_CACHED_SLICES = 4  # contiguous weight slices a layer keeps for inference
 
 class SlimConv2d(nn.Conv2d):
     """A convolution whose input and output channels are sliced from the front.
@@ -42,9 +43,30 @@ class SlimConv2d(nn.Conv2d):
         in_channels = x.shape[1]
         if out_channels is None:
             out_channels = self.out_channels
-        weight, bias = self.sliced_weight(in_channels, out_channels)
+        if torch.is_grad_enabled():
+            weight, bias = self.sliced_weight(in_channels, out_channels)
+        else:
+            weight, bias = self._inference_weight(in_channels, out_channels)
         groups = in_channels if self.depthwise else 1
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def _inference_weight(self, in_channels: int, out_channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A contiguous copy of the slice, reused while the weights are unchanged (same storage and version).
+
+        Without it a strided slice is copied inside the convolution on every call. Evaluation runs one width for
+        many batches, so a few entries suffice; the bound keeps a search over many plans from holding copies.
+        """
+        cache = self.__dict__.setdefault("_inference_slices", {})
+        stamp = (self.weight.data_ptr(), self.weight._version,
+                 None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
+        entry = cache.get((in_channels, out_channels))
+        if entry is None or entry[0] != stamp:
+            if len(cache) >= _CACHED_SLICES:
+                cache.clear()
+            weight, bias = self.sliced_weight(in_channels, out_channels)
+            entry = (stamp, weight.contiguous(), bias)
+            cache[(in_channels, out_channels)] = entry
+        return entry[1], entry[2]
 
     def export(self, in_channels: int, out_channels: int) -> nn.Conv2d:
         weight, bias = self.sliced_weight(in_channels, out_channels)
@@ -86,12 +108,29 @@ class SlimBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         c = x.shape[1]
+        if not self.training and not torch.is_grad_enabled():
+            return F.batch_norm(x, *self._inference_views(c, slot), False, 0.0, self.eps)
         factor = 0.0
         if self.training:
             self.num_batches_tracked[slot].add_(1)
             factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked[slot])
         return F.batch_norm(x, self.running_mean[slot, :c], self.running_var[slot, :c], self.weight[:c],
                             self.bias[:c], self.training, factor, self.eps)
+
+    def _inference_views(self, c: int, slot: int) -> tuple[torch.Tensor, ...]:
+        """Views of the statistics and affine for (channels, slot), made once: views follow in-place updates,
+        and the storage pointers tell when the tensors were replaced (moved to another device, say)."""
+        cache = self.__dict__.setdefault("_inference_views_cache", {})
+        stamp = (self.running_mean.data_ptr(), self.running_var.data_ptr(), self.weight.data_ptr(),
+                 self.bias.data_ptr())
+        entry = cache.get((c, slot))
+        if entry is None or entry[0] != stamp:
+            if len(cache) >= 4 * _CACHED_SLICES:
+                cache.clear()
+            entry = (stamp, (self.running_mean[slot, :c], self.running_var[slot, :c], self.weight[:c],
+                             self.bias[:c]))
+            cache[(c, slot)] = entry
+        return entry[1]
 
     def export(self, channels: int, slot: int) -> nn.BatchNorm2d:
         bn = nn.BatchNorm2d(channels, eps=self.eps, momentum=0.1 if self.momentum is None else self.momentum)

@@ -132,3 +132,20 @@ def test_several_custom_plans_keep_their_own_statistics_and_one_slot_checkpoints
     dsnet.recalibrate_bn(three_slots, third, batches)
     dsnet.recalibrate_bn(three_slots, fourth, batches)
     assert [three_slots.has_bn_statistics(p) for p in (first, second, third, fourth)] == [True, True, False, True]
+
+
+def test_inference_slices_follow_weight_updates():
+    model = dsnet.create_supernet(num_classes=10, small_input=True, widths=[0.5, 1.0]).eval()
+    torch.nn.init.normal_(model.classifier.weight)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x, 0.5)
+        model.conv_head.weight.mul_(-1.0)  # in place: the cached slice must not be reused
+        model.bn2.bias.add_(1.0)
+        after = model(x, 0.5)
+        reference = dsnet.export_subnet(model, 0.5)(x)
+    assert (before - after).abs().max() > 1e-3
+    assert torch.allclose(after, reference, atol=1e-5)
+    model.load_state_dict({k: v * 1 for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        assert torch.allclose(model(x, 0.5), reference, atol=1e-5)
