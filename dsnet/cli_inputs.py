@@ -63,12 +63,12 @@ def training_data_options(state: dict[str, Any], model: DSMobileNetV2, data: str
     return DataOptions.from_config(values)
 
 
-def check_output_path(path: str) -> None:
-    """Fail before any work when the output could not be written."""
-    out = Path(path)
-    if out.is_dir():
-        raise UserError(f"output path {path!r} is a directory")
-    if not out.parent.is_dir():
-        raise UserError(f"output directory {str(out.parent)!r} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"output directory {str(out.parent)!r} is not writable")
+def check_output_path(path: str, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written, before any time is spent."""
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"{flag} {path!r} is a directory, not a file")
+    if not file.parent.is_dir():
+        raise UserError(f"{flag} {path!r}: directory {str(file.parent)!r} does not exist")
+    if not os.access(file.parent, os.W_OK):
+        raise UserError(f"{flag} {path!r}: directory {str(file.parent)!r} is not writable")

@@ -49,7 +49,6 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -65,6 +64,7 @@ from tqdm import tqdm
 from .calibrate import recalibrate_bn
 from .checkpoint import gated_network_from_checkpoint, load_checkpoint, supernet_from_checkpoint
 from .cli import UserError, write_text_atomic
+from .cli_inputs import check_output_path
 from .data import DataOptions, build_dataset, build_loader, calibration_batches, num_classes_of
 from .export import export_subnet
 from .gate import GatedDSNet, calibrate_routes
@@ -494,17 +494,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path is not None:
             check_output_path(path, f"--{flag}")
-
-
-def check_output_path(path: str, flag: str) -> None:
-    """Refuse an output path that cannot be written, before any time is spent evaluating."""
-    file = Path(path)
-    if file.is_dir():
-        raise UserError(f"{flag} {path!r} is a directory, not a file")
-    if not file.parent.is_dir():
-        raise UserError(f"{flag} {path!r}: directory {str(file.parent)!r} does not exist")
-    if not os.access(file.parent, os.W_OK):
-        raise UserError(f"{flag} {path!r}: directory {str(file.parent)!r} is not writable")
 
 
 def resolve_device(name: str | None) -> torch.device:
