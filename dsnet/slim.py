@@ -72,7 +72,7 @@ class SlimConv2d(nn.Conv2d):
         weight, bias = self.sliced_weight(in_channels, out_channels)
         groups = in_channels if self.depthwise else 1
         conv = nn.Conv2d(in_channels, weight.shape[0], self.kernel_size, self.stride, self.padding,
-                         groups=groups, bias=bias is not None)
+                         groups=groups, bias=bias is not None, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(weight)
             if bias is not None:
@@ -133,7 +133,8 @@ class SlimBatchNorm2d(nn.Module):
         return entry[1]
 
     def export(self, channels: int, slot: int) -> nn.BatchNorm2d:
-        bn = nn.BatchNorm2d(channels, eps=self.eps, momentum=0.1 if self.momentum is None else self.momentum)
+        bn = nn.BatchNorm2d(channels, eps=self.eps, momentum=0.1 if self.momentum is None else self.momentum,
+                            device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             bn.weight.copy_(self.weight[:channels])
             bn.bias.copy_(self.bias[:channels])
@@ -153,7 +154,8 @@ class SlimLinear(nn.Linear):
         return F.linear(x, self.weight[:, :x.shape[1]], self.bias)
 
     def export(self, in_features: int) -> nn.Linear:
-        linear = nn.Linear(in_features, self.out_features, bias=self.bias is not None)
+        linear = nn.Linear(in_features, self.out_features, bias=self.bias is not None, device=self.weight.device,
+                           dtype=self.weight.dtype)
         with torch.no_grad():
             linear.weight.copy_(self.weight[:, :in_features])
             if self.bias is not None:

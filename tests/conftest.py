@@ -1,4 +1,5 @@
 import random
+import warnings
 
 import pytest
 import torch
@@ -83,3 +84,16 @@ def digits_checkpoint(tmp_path_factory):
     save_checkpoint(path, {"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None,
                            "config": config, "epoch": epochs})
     return path
+
+
+def fvcore_conv_linear_madds(dense: torch.nn.Module, size: int) -> int:
+    """Convolution and linear multiply-accumulates of one image, counted by fvcore (an external counter)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counter = FlopCountAnalysis(dense, torch.randn(1, 3, size, size))
+        counter.unsupported_ops_warnings(False)
+        counter.uncalled_modules_warnings(False)
+        by_op = counter.by_operator()
+    return by_op["conv"] + by_op.get("linear", 0) + by_op.get("addmm", 0)

@@ -1,24 +1,13 @@
 """Analytic MAdds and parameter counts against an external counter (fvcore) on the exported dense subnets."""
 import random
-import warnings
 
 import pytest
 import torch
 
 import dsnet
-from conftest import random_plan
+from conftest import fvcore_conv_linear_madds, random_plan
 
-fvcore_nn = pytest.importorskip("fvcore.nn")
-
-
-def fvcore_conv_linear_madds(dense: torch.nn.Module, size: int) -> int:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        counter = fvcore_nn.FlopCountAnalysis(dense, torch.randn(1, 3, size, size))
-        counter.unsupported_ops_warnings(False)
-        counter.uncalled_modules_warnings(False)
-        by_op = counter.by_operator()
-    return by_op["conv"] + by_op.get("linear", 0) + by_op.get("addmm", 0)
+pytest.importorskip("fvcore.nn")
 
 
 @pytest.mark.parametrize("fixture,size", [("imagenet_supernet", 224), ("small_supernet", 32)])

@@ -1,0 +1,148 @@
+"""`python -m dsnet.prune`: a static pruning mode from the literature, ending in a dense subnet and a report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..cli import ArgumentParser, UserError, atomic_path, run_main, write_text_atomic
+from ..cli_inputs import add_checkpoint_args, add_data_args, input_size, open_checkpoint, training_data_options
+from ..data import build_dataset, build_loader, build_transform, calibration_batches
+from ..madds import count_madds, count_params
+from ..plans import write_plan_file
+from ..search import narrowest_plan, parse_madds_target
+from .methods import METHODS, PruneSettings
+from .pipeline import prune_supernet
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="python -m dsnet.prune",
+        description="Static pruning of a trained supernet by a published method: on a copy of its largest width, "
+                    "score the channels of every coupled group (with the method's training-time regularizer), "
+                    "permute each group so its best channels come first, choose per-group widths (the method's own "
+                    "rule, or the cut that meets --target-madds), slice, recalibrate BN, optionally fine-tune, and "
+                    "write the dense subnet, its plan, the scores and a report into --out.")
+    add_checkpoint_args(parser)
+    parser.add_argument("--method", required=True, choices=METHODS,
+                        help="l1: Distiller's L1 ranking with AGP; bn-scale: Network Slimming; polarization: the "
+                             "Polarization regularizer; taylor: Gate Decorator's Taylor scores with tick-tock; dcp: "
+                             "Discrimination-aware Channel Pruning")
+    parser.add_argument("--target-madds", metavar="M",
+                        help="MAdds budget per image: an absolute count (150M, 1.2e8) or, for a value ≤ 1, a "
+                             "fraction of the largest width's MAdds (0.5); default: the method's own rule with --sparsity")
+    parser.add_argument("--sparsity", type=float, default=0.5, metavar="F",
+                        help="without --target-madds: the fraction of channels the method's own rule prunes (l1: "
+                             "per group; bn-scale: global percentile; taylor: of all channels; dcp: η per group; "
+                             "polarization cuts at histogram valleys instead) (default 0.5)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output directory (created if missing; its parent must exist): model.pt, plan.json, "
+                             "scores.json, report.json")
+    add_data_args(parser)
+    parser.add_argument("--epochs", type=int, default=1, metavar="N",
+                        help="epochs of the method's training phase: sparsity training (bn-scale, polarization), "
+                             "AGP pruning steps (l1), tock phases in all (taylor); unused by dcp (default 1)")
+    parser.add_argument("--finetune-epochs", type=int, default=1, metavar="N",
+                        help="epochs of fine-tuning the dense subnet after BN recalibration (default 1; 0: none)")
+    parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the training phase (default 0.01)")
+    parser.add_argument("--finetune-lr", type=float, default=0.01,
+                        help="peak learning rate of the fine-tuning, cosine to 0 (default 0.01)")
+    parser.add_argument("--penalty", type=float, metavar="S",
+                        help="strength of the method's regularizer (default: bn-scale 1e-5, polarization 1e-4, "
+                             "taylor 1e-4, dcp 0.01: the weight of the auxiliary cross-entropy against a "
+                             "reconstruction error measured in units of its target)")
+    parser.add_argument("--min-channels", type=int, default=8, metavar="N",
+                        help="no group is pruned below this many channels (default 8; never zero)")
+    parser.add_argument("--score-batches", type=int, default=4, metavar="N",
+                        help="batches per Taylor scoring pass (default 4)")
+    parser.add_argument("--recalibrate-batches", type=int, default=8, metavar="N",
+                        help="training batches for the BN recalibration of the pruned plan (default 8)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="batch size (default 64)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N", help="data-loader workers (default 0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device (default: cuda when available, else cpu)")
+    return parser
+
+
+def check_args(args) -> None:
+    for flag in ("min_channels", "score_batches", "recalibrate_batches", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("epochs", "finetune_epochs", "workers"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 0, got {getattr(args, flag)}")
+    if not 0.0 <= args.sparsity < 1.0:
+        raise UserError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    for flag in ("lr", "finetune_lr"):
+        if not getattr(args, flag) > 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.penalty is not None and args.penalty < 0:
+        raise UserError(f"--penalty must be at least 0, got {args.penalty}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out!r} exists and is not a directory")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {args.out!r}: directory {str(out.parent)!r} does not exist")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    state, model, weights = open_checkpoint(args.checkpoint, args.weights)
+    img_size = input_size(state, model)
+    largest = count_madds(model, model.largest, img_size)
+    floor = count_madds(model, narrowest_plan(model, args.min_channels), img_size)
+    target = None if args.target_madds is None else parse_madds_target(args.target_madds, largest, floor)
+    try:
+        model.to(args.device)
+    except (RuntimeError, AssertionError) as exc:
+        raise UserError(f"cannot use device {args.device!r}: {str(exc).splitlines()[0]}") from None
+    torch.manual_seed(args.seed)
+    options = training_data_options(state, model, args.data, args.data_dir)
+    train_set = build_dataset(options, train=True, transform=build_transform(options, train=True))
+    if len(train_set) < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
+    train_loader = build_loader(train_set, args.batch_size, train=True, workers=args.workers, seed=args.seed)
+    val_loader = build_loader(build_dataset(options, train=False), 2 * args.batch_size, train=False,
+                              workers=args.workers)
+    calibration = calibration_batches(options, args.recalibrate_batches, args.batch_size, args.seed)
+    settings = PruneSettings(args.method, target, args.sparsity, args.min_channels, args.epochs, args.lr,
+                             args.penalty, args.score_batches)
+    print(f"pruning {args.checkpoint} ({weights} weights) with {args.method}"
+          + (f" to MAdds ≤ {target / 1e6:.2f}M" if target else f" at sparsity {args.sparsity:g}")
+          + f", {options.data} at {img_size}×{img_size}")
+    result = prune_supernet(model, settings, train_loader, calibration, val_loader, img_size, args.finetune_epochs,
+                            args.finetune_lr, print)
+
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    network = result.network.cpu()
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save(network, tmp)
+    report = dict(method=args.method, checkpoint=str(args.checkpoint), weights=weights, data=options.data,
+                  img_size=img_size, rule=result.outcome.rule, target_madds=target,
+                  largest=dict(madds=largest, params=count_params(model, model.largest),
+                               top1=result.top1_unpruned),
+                  pruned=dict(madds=result.madds, params=result.params, top1_recalibrated=result.top1_recalibrated,
+                              top1_finetuned=result.top1_finetuned),
+                  settings=dict(sparsity=args.sparsity, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                                lr=args.lr, finetune_lr=args.finetune_lr, penalty=args.penalty,
+                                min_channels=args.min_channels, batch_size=args.batch_size, seed=args.seed),
+                  **result.outcome.extra)
+    write_plan_file(out / "plan.json", result.plan, madds=result.madds, params=result.params,
+                    note="channels per group of the permuted copy; model.pt is the dense subnet")
+    scores = {g.name: dict(scores=result.outcome.scores[g.name].tolist(), order=result.orders[g.name].tolist(),
+                           kept=result.plan[g.name]) for g in result.groups}
+    write_text_atomic(out / "scores.json", json.dumps(scores) + "\n")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    after = "" if result.top1_finetuned is None else f", {result.top1_finetuned:.2f}% after fine-tuning"
+    print(f"wrote {out}/model.pt, plan.json, scores.json, report.json: MAdds {result.madds / 1e6:.2f}M of "
+          f"{largest / 1e6:.2f}M, params {result.params / 1e6:.3f}M, val top-1 {result.top1_unpruned:.2f}% → "
+          f"{result.top1_recalibrated:.2f}% after BN recalibration{after}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

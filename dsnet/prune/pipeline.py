@@ -1,0 +1,116 @@
+"""One static pruning run: copy the supernet at its largest width, score, permute, cut, recalibrate, fine-tune.
+
+The live supernet is never changed: the method works on a deep copy, whose coupled groups are permuted so each keeps
+its best channels first; the chosen plan is then sliced from that copy with the supernet's own kernels and exported
+as a dense network.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+from ..calibrate import recalibrate_bn
+from ..export import export_subnet
+from ..madds import count_madds, count_params
+from ..mobilenetv2 import DSMobileNetV2
+from ..slim import WidthPlan
+from .cuts import Keep
+from .groups import ChannelGroup, derive_groups
+from .methods import Context, Outcome, PruneSettings, prune_channels
+from .permute import descending_order, permute_groups
+
+
+@dataclass
+class PruneResult:
+    plan: WidthPlan  # of the permuted copy
+    network: nn.Module  # the dense subnet (fine-tuned when asked)
+    groups: list[ChannelGroup]
+    outcome: Outcome
+    orders: dict[str, torch.Tensor]  # per group: original channel indices, in their new order
+    madds: int
+    params: int
+    top1_unpruned: float
+    top1_recalibrated: float
+    top1_finetuned: float | None
+
+
+def channel_order(outcome: Outcome, group: ChannelGroup) -> torch.Tensor:
+    """Highest score first; channels a gradual method already masked go last."""
+    if outcome.order is not None:
+        return outcome.order[group.name]
+    order = descending_order(outcome.scores[group.name])
+    if outcome.masks is not None:
+        mask = outcome.masks[group.name][order]
+        order = order[torch.sort(mask, descending=True, stable=True).indices]
+    return order
+
+
+@torch.no_grad()
+def top1(network: nn.Module, loader, device: torch.device, width=None) -> float:
+    network.eval()
+    correct = total = 0
+    for images, targets in loader:
+        logits = network(images.to(device)) if width is None else network(images.to(device), width)
+        correct += (logits.argmax(1) == targets.to(device)).sum().item()
+        total += len(targets)
+    return 100.0 * correct / max(total, 1)
+
+
+def finetune(network: nn.Module, loader, epochs: int, lr: float, device: torch.device,
+             log: Callable[[str], None]) -> None:
+    """Plain fine-tuning of the dense subnet: SGD with momentum and a per-step cosine schedule."""
+    optimizer = create_optimizer_v2(network, "sgd", lr=lr, momentum=0.9, weight_decay=4e-5)
+    steps = epochs * len(loader)
+    scheduler = CosineLRScheduler(optimizer, t_initial=steps, lr_min=0.0)
+    step = 0
+    for epoch in range(epochs):
+        network.train()
+        total = 0.0
+        for images, targets in loader:
+            loss = F.cross_entropy(network(images.to(device)), targets.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            total += loss.item()
+        log(f"fine-tune epoch {epoch + 1}/{epochs}: loss {total / max(len(loader), 1):.4f}")
+    network.eval()
+
+
+def prune_supernet(model: DSMobileNetV2, settings: PruneSettings, train_loader, calibration: Sequence[torch.Tensor],
+                   val_loader, img_size: int, finetune_epochs: int = 0, finetune_lr: float = 0.01,
+                   log: Callable[[str], None] = print) -> PruneResult:
+    device = next(model.parameters()).device
+    work = copy.deepcopy(model).eval()
+    groups = derive_groups(work)
+
+    def madds_of(keep: Keep) -> int:
+        return count_madds(work, work.resolve_width(keep), img_size)
+
+    top1_unpruned = top1(work, val_loader, device, work.largest)
+    log(f"{len(groups)} coupled channel groups; largest width: MAdds {madds_of(work.largest.as_dict()) / 1e6:.2f}M, "
+        f"val top-1 {top1_unpruned:.2f}%")
+    outcome = prune_channels(Context(work, groups, train_loader, settings, madds_of, log))
+    orders = {g.name: channel_order(outcome, g) for g in groups}
+    permute_groups(work, groups, orders)
+    plan = work.resolve_width(outcome.keep)
+    recalibrate_bn(work, plan, calibration)
+    network = export_subnet(work, plan)
+    top1_recalibrated = top1(network, val_loader, device)
+    log(f"cut: {outcome.rule}; MAdds {madds_of(outcome.keep) / 1e6:.2f}M, val top-1 after BN recalibration "
+        f"{top1_recalibrated:.2f}%")
+    top1_finetuned = None
+    if finetune_epochs > 0:
+        finetune(network, train_loader, finetune_epochs, finetune_lr, device, log)
+        top1_finetuned = top1(network, val_loader, device)
+        log(f"val top-1 after {finetune_epochs} fine-tuning epoch(s): {top1_finetuned:.2f}%")
+    return PruneResult(plan, network, groups, outcome, orders, count_madds(work, plan, img_size),
+                       count_params(work, plan), top1_unpruned, top1_recalibrated, top1_finetuned)
