@@ -395,14 +395,11 @@ def consumer_weight(module: nn.Module) -> torch.Tensor:
 def discrimination_aware(ctx: Context) -> Outcome:
     s, lam = ctx.settings, ctx.penalty
 
-    def keep_count(n: int, eta: float) -> int:
-        return dcp_keep_count(n, eta)
-
     if s.target_madds is not None:
-        eta, keep = uniform_cut_for_target(ctx.groups, s.min_channels, keep_count, ctx.madds_of, s.target_madds)
+        eta, keep = uniform_cut_for_target(ctx.groups, s.min_channels, dcp_keep_count, ctx.madds_of, s.target_madds)
         rule = f"DCP keep counts at η = {eta:.3f}, the least that meets the MAdds target"
     else:
-        eta, keep = s.sparsity, uniform_keep(ctx.groups, s.sparsity, s.min_channels, keep_count)
+        eta, keep = s.sparsity, uniform_keep(ctx.groups, s.sparsity, s.min_channels, dcp_keep_count)
         rule = f"DCP keep counts at η = {eta:g}"
     images, labels = [], []
     for x, y in batches(ctx, None):
@@ -450,8 +447,9 @@ def discrimination_aware(ctx: Context) -> Outcome:
                 if len(rows) >= 4 * keep[g.name]:
                     module = ctx.module(c)
                     module.weight.copy_(w.view_as(module.weight))
-        rest = torch.tensor([i for i in range(g.channels) if i not in set(selected.tolist())], dtype=torch.long)
-        orders[g.name] = torch.cat([selected.cpu(), rest])
+        chosen = torch.zeros(g.channels, dtype=torch.bool)
+        chosen[selected.cpu()] = True
+        orders[g.name] = torch.cat([selected.cpu(), (~chosen).nonzero().flatten()])
         masks[g.name].zero_()
         masks[g.name][selected] = 1.0
         score = torch.zeros(g.channels)
