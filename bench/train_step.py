@@ -26,7 +26,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 import dsnet
-from dsnet.supernet import soft_cross_entropy
+from dsnet.supernet import sandwich_step, soft_cross_entropy
 
 
 class Clock:
@@ -61,6 +61,19 @@ def step_sliced(model, ema, optimizer, images, targets, widths, clock: Clock) ->
     clock.time("smallest fwd+bwd", lambda: soft_cross_entropy(model(images, smallest), ensemble).backward())
     clock.time("optimizer step", optimizer.step)
     clock.time("EMA update", lambda: ema.update(model))
+
+
+def check_same_arithmetic(model, ema, images, targets, widths) -> None:
+    """A's timed step repeats `dsnet.supernet.sandwich_step` part by part: check once that the gradients agree."""
+    replica, teacher = copy.deepcopy(model), copy.deepcopy(ema)
+    probe = create_optimizer_v2(replica, opt="sgd", lr=0.0)
+    step_sliced(replica, teacher, probe, images, targets, widths, Clock())
+    reference = copy.deepcopy(model)
+    sandwich_step(reference, ema.module, images, targets, widths, label_smoothing=0.1)
+    for (name, a), b in zip(replica.named_parameters(), reference.parameters()):
+        if (a.grad is None) != (b.grad is None) or (a.grad is not None and not torch.allclose(a.grad, b.grad,
+                                                                                              atol=1e-5)):
+            raise SystemExit(f"the timed step differs from dsnet.supernet.sandwich_step in the gradient of {name}")
 
 
 def step_dense(students, teachers, optimizer, ema, images, targets, clock: Clock) -> None:
@@ -126,6 +139,7 @@ def main() -> None:
     for batch in args.batch_sizes:
         images = torch.randn(batch, 3, args.img_size, args.img_size).to(memory_format=memory_format)
         targets = torch.randint(0, args.classes, (batch,))
+        check_same_arithmetic(model, ema, images, targets, widths)
         totals = {"A": [], "B": []}
         parts = {"A": [], "B": []}
         for i in range(args.warmup + args.steps):

@@ -1,8 +1,17 @@
 """Width search (AutoSlim) on a trained supernet: the per-layer plan that keeps the most accuracy under a MAdds budget.
 
-Starting from the largest width, every step tries narrowing each channel group by one step, recalibrates the BN
-statistics of that candidate on a few training batches, measures its top-1 on held-out training batches, and keeps
-the candidate that loses the least accuracy (ties: the one that saves more MAdds), until the plan fits the budget.
+Starting from a width choice, every step tries narrowing each channel group by enough `--step`-channel steps to save
+the step's share of the MAdds, recalibrates the BN statistics of that candidate on a few training batches, measures
+its cross-entropy and top-1 on held-out training batches, and keeps the candidate that adds the least held-out loss
+per MAdds saved, until the plan fits the budget. Equal savings and loss rather than one step per group and top-1: on a
+few hundred held-out images top-1 ties often, noise decides the ties, and the search then spends its steps on groups
+whose narrowing saves almost nothing.
+
+AutoSlim starts from the largest width. A supernet trained at uniform widths knows its width choices best, so by
+default the search starts from the narrowest choice that is still above the budget: fewer steps, each away from a
+trained plan, and far cheaper (a handful of steps instead of hundreds). The widest width choice within the budget is
+a plan the search could return as well: when it beats the searched plan on the held-out batches, the search returns
+it (and says so).
 
 `python -m dsnet.search --checkpoint CKPT --target-madds 150M --out PLAN.json` writes the plan for
 `python -m dsnet.export --plan PLAN.json`.
@@ -16,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from .calibrate import recalibrate_bn
@@ -64,6 +74,7 @@ class SearchStep:
     madds: int
     params: int
     top1: float  # held-out top-1 of the plan after this step, in percent
+    loss: float  # its held-out cross-entropy
     narrowed: str | None  # the group narrowed in this step (None: the starting plan)
     channels: int | None  # its new channel count
 
@@ -75,15 +86,38 @@ class SearchResult:
     params: int
     top1: float
     trajectory: list[SearchStep] = field(default_factory=list)
+    loss: float = math.nan
+    # The width choice returned instead of the trajectory's end, when one within the budget did better on the
+    # held-out batches (None: the searched plan).
+    width_choice: float | None = None
+    searched: WidthPlan | None = None  # the trajectory's end
 
 
 @dataclass
 class _Candidate:
     plan: WidthPlan
     top1: float
+    loss: float
     madds: int
     narrowed: str
     channels: int
+
+    def cost(self, loss: float, madds: int, needed: int) -> tuple[bool, float]:
+        """Sort key from the current plan's (loss, madds): candidates that save the `needed` MAdds first, then the
+        least held-out loss added per MAdds saved."""
+        saved = madds - self.madds
+        return saved < needed, (self.loss - loss) / saved
+
+
+def start_plan(model: DSMobileNetV2, target_madds: int, start: str, img_size: int | None = None) -> WidthPlan:
+    """Where a search begins: `largest` (AutoSlim), or `nearest`: the narrowest width choice whose MAdds are at
+    least `target_madds` (the largest when every choice is below it)."""
+    if start == "largest":
+        return model.largest
+    if start != "nearest":
+        raise ValueError(f"start must be 'nearest' or 'largest', got {start!r}")
+    return next((plan for plan in model.choice_plans if count_madds(model, plan, img_size) >= target_madds),
+                model.largest)
 
 
 def narrowest_plan(model: DSMobileNetV2, min_channels: int) -> WidthPlan:
@@ -92,20 +126,28 @@ def narrowest_plan(model: DSMobileNetV2, min_channels: int) -> WidthPlan:
 
 
 @torch.no_grad()
-def evaluate_top1(model: DSMobileNetV2, width, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Top-1 accuracy in percent of `width` on (images, targets) batches, with the BN statistics it has."""
+def evaluate_plan(model: DSMobileNetV2, width, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+                  ) -> tuple[float, float]:
+    """(top-1 in percent, mean cross-entropy) of `width` on (images, targets) batches, with its BN statistics."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     correct = total = 0
+    loss = 0.0
     try:
         for images, targets in batches:
-            predictions = model(images.to(device), width).argmax(1)
-            correct += (predictions == targets.to(device)).sum().item()
+            logits, targets = model(images.to(device), width), targets.to(device)
+            correct += (logits.argmax(1) == targets).sum().item()
+            loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
             total += len(targets)
     finally:
         model.train(was_training)
-    return 100.0 * correct / total
+    return 100.0 * correct / total, loss / total
+
+
+def evaluate_top1(model: DSMobileNetV2, width, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Top-1 accuracy in percent of `width` on (images, targets) batches, with the BN statistics it has."""
+    return evaluate_plan(model, width, batches)[0]
 
 
 def search_batches(options: DataOptions, calibration: int, evaluation: int, batch_size: int,
@@ -130,53 +172,74 @@ def search_batches(options: DataOptions, calibration: int, evaluation: int, batc
 def search_plan(model: DSMobileNetV2, target_madds: int, calibration_batches: Sequence[torch.Tensor],
                 eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], step: int = 8, min_channels: int = 8,
                 img_size: int | None = None,
-                progress: Callable[[SearchStep, int, float], None] | None = None) -> SearchResult:
-    """Greedily narrow the largest width until its MAdds are at most `target_madds` (see the module docstring).
+                progress: Callable[[SearchStep, int, float], None] | None = None,
+                start: str = "nearest", steps: int = 10) -> SearchResult:
+    """Greedily narrow a width choice until its MAdds are at most `target_madds` (see the module docstring);
+    `start` is `nearest` or `largest` (see `start_plan`).
 
+    The way from the start to the target is cut into about `steps` equal MAdds savings. Each candidate narrows one
+    group by as many `step`-channel steps as that saving needs (fewer where `min_channels` stops it), so the
+    candidates of a step cost about the same and their held-out losses compare fairly.
     `progress(step, candidates, seconds)` is called after every step. The model's custom BN slot is left
     calibrated for the plan returned (when it is not a width choice).
     """
-    if step < 1 or min_channels < 1:
-        raise ValueError(f"step and min_channels must be at least 1, got {step} and {min_channels}")
+    if step < 1 or min_channels < 1 or steps < 1:
+        raise ValueError(f"step, min_channels and steps must be at least 1, got {step}, {min_channels} and {steps}")
     floor = count_madds(model, narrowest_plan(model, min_channels), img_size)
     if target_madds < floor:
         raise ValueError(f"MAdds target {_millions(target_madds)} is below the {_millions(floor)} that the "
                          f"narrowest allowed plan needs")
-    plan = model.largest
+    plan = start_plan(model, target_madds, start, img_size)
     madds = count_madds(model, plan, img_size)
-    top1 = evaluate_top1(model, plan, eval_batches)
-    trajectory = [SearchStep(madds, count_params(model, plan), top1, None, None)]
+    saving = max(1, math.ceil((madds - target_madds) / steps))
+    top1, loss = evaluate_plan(model, plan, eval_batches)
+    trajectory = [SearchStep(madds, count_params(model, plan), top1, loss, None, None)]
     while madds > target_madds:
-        start = time.perf_counter()
+        began = time.perf_counter()
         channels = plan.as_dict()
+        needed = min(saving, madds - target_madds)
         candidates = []
         for name in model.group_names:
-            narrower = max(channels[name] - step, min_channels)
+            narrower, candidate_madds = channels[name], madds
+            while madds - candidate_madds < needed and narrower > min_channels:
+                narrower = max(narrower - step, min_channels)
+                candidate = model.resolve_width({**channels, name: narrower})
+                candidate_madds = count_madds(model, candidate, img_size)
             if narrower >= channels[name]:
                 continue
-            candidate = model.resolve_width({**channels, name: narrower})
             if candidate.choice is None:  # a width choice keeps its own statistics
                 recalibrate_bn(model, candidate, calibration_batches)
-            candidates.append(_Candidate(candidate, evaluate_top1(model, candidate, eval_batches),
-                                         count_madds(model, candidate, img_size), name, narrower))
+            candidates.append(_Candidate(candidate, *evaluate_plan(model, candidate, eval_batches), candidate_madds,
+                                         name, narrower))
         if not candidates:
             raise ValueError(f"no layer group can be narrowed further, and MAdds {_millions(madds)} are still "
                              f"above the target {_millions(target_madds)}")
-        # Least accuracy lost; then the larger saving; then the earlier group (max keeps the first of equals).
-        best = max(candidates, key=lambda c: (c.top1, -c.madds))
-        plan, madds, top1 = best.plan, best.madds, best.top1
-        trajectory.append(SearchStep(madds, count_params(model, plan), top1, best.narrowed, best.channels))
+        # min keeps the first of equal candidates: the earlier group.
+        best = min(candidates, key=lambda c: c.cost(loss, madds, needed))
+        plan, madds, top1, loss = best.plan, best.madds, best.top1, best.loss
+        trajectory.append(SearchStep(madds, count_params(model, plan), top1, loss, best.narrowed, best.channels))
         if progress is not None:
-            progress(trajectory[-1], len(candidates), time.perf_counter() - start)
+            progress(trajectory[-1], len(candidates), time.perf_counter() - began)
     if not model.has_bn_statistics(plan):
         recalibrate_bn(model, plan, calibration_batches)
-    return SearchResult(plan, madds, count_params(model, plan), top1, trajectory)
+    result = SearchResult(plan, madds, count_params(model, plan), top1, trajectory, loss, searched=plan)
+    # The widest width choice within the budget is a plan the search could return too, and the supernet trained it:
+    # the result is never worse on the held-out batches (top-1, then loss) than that width.
+    within = [i for i, choice in enumerate(model.choice_plans) if count_madds(model, choice, img_size) <= target_madds]
+    if within and within[-1] != plan.choice:
+        i = within[-1]
+        choice_top1, choice_loss = evaluate_plan(model, i, eval_batches)
+        if (choice_top1, -choice_loss) > (top1, -loss):
+            choice = model.choice_plans[i]
+            result = SearchResult(choice, count_madds(model, choice, img_size), count_params(model, choice),
+                                  choice_top1, trajectory, choice_loss, model.widths[i], plan)
+    return result
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m dsnet.search",
-        description="AutoSlim width search on a trained supernet: from the largest width, repeatedly narrow the "
+        description="AutoSlim width search on a trained supernet: from a width choice, repeatedly narrow the "
                     "layer group that costs the least held-out accuracy, until the plan's MAdds meet the target; "
                     "write the plan as JSON for python -m dsnet.export --plan.")
     add_checkpoint_args(parser)
@@ -186,15 +249,20 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", required=True, metavar="PLAN.json",
                         help="output plan file; its directory must exist")
     add_data_args(parser)
+    parser.add_argument("--start", choices=("nearest", "largest"), default="nearest",
+                        help="the width choice the search narrows: nearest, the narrowest choice above the target "
+                             "(default), or largest, AutoSlim's start")
+    parser.add_argument("--steps", type=int, default=10, metavar="N",
+                        help="steps from the start to the target, each saving about the same MAdds (default 10)")
     parser.add_argument("--step", type=int, default=8, metavar="N",
-                        help="channels removed from a group per step (default 8)")
+                        help="channel granularity: a group narrows by multiples of this many channels (default 8)")
     parser.add_argument("--min-channels", type=int, default=8, metavar="N",
                         help="no group is narrowed below this many channels (default 8)")
     parser.add_argument("--eval-batches", type=int, default=8, metavar="N",
                         help="held-out training batches on which each candidate's top-1 is measured (default 8)")
-    parser.add_argument("--recalibrate-batches", type=int, default=2, metavar="N",
+    parser.add_argument("--recalibrate-batches", type=int, default=4, metavar="N",
                         help="training batches, disjoint from the held-out ones, on which each candidate's BN "
-                             "statistics are recalibrated (default 2)")
+                             "statistics are recalibrated (default 4)")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="batch size (default 64)")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="seed of the shuffle that picks both sets of batches (default 0)")
@@ -205,7 +273,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("step", "min_channels", "eval_batches", "recalibrate_batches", "batch_size"):
+    for flag in ("steps", "step", "min_channels", "eval_batches", "recalibrate_batches", "batch_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     check_output_path(args.out)
@@ -227,24 +295,31 @@ def main(argv: list[str] | None = None) -> int:
           f"{options.data} training images")
 
     def report(step: SearchStep, candidates: int, seconds: float) -> None:
-        print(f"{step.narrowed} → {step.channels}: MAdds {_millions(step.madds)}, held-out top-1 {step.top1:.2f}% "
+        print(f"{step.narrowed} → {step.channels}: MAdds {_millions(step.madds)}, held-out top-1 {step.top1:.2f}%, "
+              f"loss {step.loss:.4f} "
               f"({candidates} candidates, {seconds:.1f} s)", flush=True)
 
-    result = search_plan(model, target, calibration, held_out, args.step, args.min_channels, img_size, report)
+    result = search_plan(model, target, calibration, held_out, args.step, args.min_channels, img_size, report,
+                         args.start, args.steps)
     # The width choices on the same held-out batches (with their own BN statistics), to compare with.
-    uniform = [dict(width=w, madds=count_madds(model, i, img_size), top1=evaluate_top1(model, i, held_out))
+    uniform = [dict(width=w, madds=count_madds(model, i, img_size), **dict(zip(("top1", "loss"),
+                                                                             evaluate_plan(model, i, held_out))))
                for i, w in enumerate(model.widths)]
-    within = [u for u in uniform if u["madds"] <= target]
-    if within:
-        print(f"nearest width choice within the target: {within[-1]['width']}, MAdds "
-              f"{_millions(within[-1]['madds'])}, held-out top-1 {within[-1]['top1']:.2f}%")
-    settings = dict(step=args.step, min_channels=args.min_channels, eval_batches=args.eval_batches,
-                    recalibrate_batches=args.recalibrate_batches, batch_size=args.batch_size, seed=args.seed)
+    end = result.trajectory[-1]
+    if result.width_choice is not None:
+        print(f"the searched plan (MAdds {_millions(end.madds)}, held-out top-1 {end.top1:.2f}%) is below width "
+              f"choice {result.width_choice}, the widest within the budget; writing that width")
+    settings = dict(start=args.start, steps=args.steps, step=args.step, min_channels=args.min_channels,
+                    eval_batches=args.eval_batches, recalibrate_batches=args.recalibrate_batches,
+                    batch_size=args.batch_size, seed=args.seed)
     write_plan_file(args.out, result.plan, madds=result.madds, params=result.params, top1=result.top1,
-                    target_madds=target, img_size=img_size, weights=weights, data=options.data, search=settings,
-                    uniform=uniform, trajectory=[asdict(s) for s in result.trajectory])
+                    loss=result.loss, width_choice=result.width_choice, searched_plan=result.searched.as_dict(),
+                    target_madds=target, img_size=img_size,
+                    weights=weights, data=options.data, search=settings, uniform=uniform,
+                    trajectory=[asdict(s) for s in result.trajectory])
     print(f"wrote {args.out}: MAdds {_millions(result.madds)}, params {result.params / 1e6:.3f}M, held-out top-1 "
-          f"{result.top1:.2f}% after {len(result.trajectory) - 1} steps")
+          f"{result.top1:.2f}%" + (f" (width {result.width_choice})" if result.width_choice is not None else
+                                   f" after {len(result.trajectory) - 1} steps"))
     return 0
 
 

@@ -97,3 +97,16 @@ def fvcore_conv_linear_madds(dense: torch.nn.Module, size: int) -> int:
         counter.uncalled_modules_warnings(False)
         by_op = counter.by_operator()
     return by_op["conv"] + by_op.get("linear", 0) + by_op.get("addmm", 0)
+
+
+def run_command(main, argv, capsys) -> tuple[int, str, str]:
+    """Run a command's `main` in-process as its entry point does (`dsnet.cli.run_main`): (exit status, stdout,
+    stderr). The command-line tests that start a real process are kept to one per command: starting Python with torch
+    costs seconds."""
+    from dsnet.cli import run_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err

@@ -13,7 +13,7 @@ from dsnet.data import DataOptions, build_dataset, build_loader
 from dsnet.prune.__main__ import main as prune_main
 from dsnet.prune.methods import METHODS
 
-from conftest import DIGITS_DATA, fvcore_conv_linear_madds
+from conftest import DIGITS_DATA, fvcore_conv_linear_madds, run_command
 
 pytest.importorskip("fvcore.nn")
 
@@ -70,10 +70,20 @@ def test_without_target_l1_prunes_the_sparsity_of_every_group(digits_checkpoint,
     (["--method", "taylor", "--target-madds", "1000"], "is below the"),
     (["--method", "dcp", "--target-madds", "0.5", "--min-channels", "0"], "--min-channels must be at least 1"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, message, digits_checkpoint, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dsnet.prune", "--checkpoint", str(digits_checkpoint), *args,
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+def test_bad_input_is_one_line_and_exit_2(args, message, digits_checkpoint, tmp_path, capsys):
+    code, _, err = run_command(prune_main, ["--checkpoint", digits_checkpoint, *args, "--out", tmp_path / "out"],
+                               capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_reports_bad_input_in_one_line(digits_checkpoint, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dsnet.prune", "--checkpoint", str(digits_checkpoint), "--method",
+                             "l1", "--target-madds", "1G", "--out", str(tmp_path / "out")], capture_output=True,
+                            text=True)
     assert result.returncode == 2
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: MAdds target 1000.00M is above the largest width's")
+    assert result.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()

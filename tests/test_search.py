@@ -11,7 +11,7 @@ import dsnet
 from dsnet.checkpoint import load_checkpoint, load_supernet
 from dsnet.cli import UserError
 from dsnet.data import DataOptions
-from dsnet.search import evaluate_top1, main, parse_madds_target, search_batches, search_plan
+from dsnet.search import evaluate_plan, evaluate_top1, main, parse_madds_target, search_batches, search_plan
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,14 +40,15 @@ def test_bad_madds_targets_fail_with_a_clear_message(text, message):
 
 # A target between the 0.75 (14.8M MAdds) and 1.0 (22.0M) widths that a few steps of 64 channels reach.
 TARGET = 0.97
-STEP, BATCH_SIZE, CALIBRATION_BATCHES, EVAL_BATCHES = 64, 32, 1, 2
+STEPS, STEP, BATCH_SIZE, CALIBRATION_BATCHES, EVAL_BATCHES = 3, 64, 32, 1, 2
 
 
 def test_search_meets_the_target_and_keeps_the_best_candidate(digits_checkpoint, tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["--checkpoint", str(digits_checkpoint), "--target-madds", str(TARGET), "--step", str(STEP),
-                 "--batch-size", str(BATCH_SIZE), "--recalibrate-batches", str(CALIBRATION_BATCHES),
-                 "--eval-batches", str(EVAL_BATCHES), "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(digits_checkpoint), "--target-madds", str(TARGET), "--steps", str(STEPS),
+                 "--step", str(STEP), "--batch-size", str(BATCH_SIZE), "--recalibrate-batches",
+                 str(CALIBRATION_BATCHES), "--eval-batches", str(EVAL_BATCHES), "--device", "cpu", "--out",
+                 str(out)]) == 0
     result = json.loads(out.read_text())
     model = load_supernet(digits_checkpoint)
     plan = model.resolve_width(result["plan"])
@@ -58,35 +59,52 @@ def test_search_meets_the_target_and_keeps_the_best_candidate(digits_checkpoint,
 
     trajectory = result["trajectory"]
     madds = [step["madds"] for step in trajectory]
-    assert madds[0] == largest and madds[-1] == result["madds"]
+    assert madds[0] == largest and madds[-1] <= result["target_madds"]  # 1.0 is the nearest choice above
     assert all(a > b for a, b in zip(madds, madds[1:])), madds
-    assert len(trajectory) >= 2
+    assert 2 <= len(trajectory) <= STEPS + 1
     printed = capsys.readouterr().out
     for step in trajectory[1:]:
-        assert step["narrowed"] in model.group_names and plan[step["narrowed"]] <= step["channels"]
+        assert step["narrowed"] in model.group_names
         assert f"{step['narrowed']} → {step['channels']}: MAdds {step['madds'] / 1e6:.2f}M" in printed
 
-    # Measured again the same way: BN recalibrated on the same batches, top-1 on the same held-out batches.
+    # Measured again the same way: BN recalibrated on the same batches, top-1 and loss on the same held-out batches.
     options = DataOptions.from_config(load_checkpoint(digits_checkpoint)["config"])
     calibration, held_out = search_batches(options, CALIBRATION_BATCHES, EVAL_BATCHES, BATCH_SIZE)
-    dsnet.recalibrate_bn(model, plan, calibration)
-    assert evaluate_top1(model, plan, held_out) == result["top1"] == trajectory[-1]["top1"]
     for i, uniform in enumerate(result["uniform"]):
         assert uniform["width"] == model.widths[i] and uniform["madds"] == dsnet.count_madds(model, i, 16)
-        assert uniform["top1"] == evaluate_top1(model, i, held_out)
+        assert (uniform["top1"], uniform["loss"]) == pytest.approx(evaluate_plan(model, i, held_out), abs=1e-9)
+    end = model.resolve_width({**model.largest.as_dict(), **{s["narrowed"]: s["channels"] for s in trajectory[1:]}})
+    dsnet.recalibrate_bn(model, end, calibration)
+    end_top1, end_loss = evaluate_plan(model, end, held_out)
+    assert (end_top1, end_loss) == pytest.approx((trajectory[-1]["top1"], trajectory[-1]["loss"]), abs=1e-9)
+    # The result is the trajectory's end unless the widest width choice within the budget does better on the
+    # held-out set.
+    best = [u for u in result["uniform"] if u["madds"] <= result["target_madds"]][-1]
+    if (best["top1"], -best["loss"]) > (end_top1, -end_loss):
+        assert result["width_choice"] == best["width"] and plan == model.resolve_width(best["width"])
+        assert f"is below width choice {best['width']}, the widest within the budget" in printed
+    else:
+        assert result["width_choice"] is None and plan == end and result["top1"] == end_top1
 
-    # The first step kept the most accurate of all one-step narrowings of the largest width (ties: more saving).
+    # The first step: every group narrowed by the fewest 64-channel steps that save a third of the way (or down to
+    # 8 channels); the kept candidate adds the least held-out loss per MAdds saved among those that save enough.
+    needed = -(-(largest - result["target_madds"]) // STEPS)
+    model = load_supernet(digits_checkpoint)
     candidates = []
     for name in model.group_names:
-        narrower = max(model.largest[name] - STEP, 8)
-        if narrower < model.largest[name]:
-            candidate = model.resolve_width({**model.largest.as_dict(), name: narrower})
-            dsnet.recalibrate_bn(model, candidate, calibration)
-            candidates.append((evaluate_top1(model, candidate, held_out), -dsnet.count_madds(model, candidate, 16),
-                               name))
-    top1, saving, name = max(candidates, key=lambda c: c[:2])
-    assert (trajectory[1]["narrowed"], trajectory[1]["top1"], trajectory[1]["madds"]) == (name, top1, -saving)
-    assert len(candidates) == len(model.group_names)
+        channels = model.largest[name]
+        candidate, saved = None, 0
+        while saved < needed and channels > 8:
+            channels = max(channels - STEP, 8)
+            candidate = model.resolve_width({**model.largest.as_dict(), name: channels})
+            saved = largest - dsnet.count_madds(model, candidate, 16)
+        if candidate is None:
+            continue
+        dsnet.recalibrate_bn(model, candidate, calibration)
+        _, loss = evaluate_plan(model, candidate, held_out)
+        candidates.append(((saved < needed, (loss - trajectory[0]["loss"]) / saved), name, channels))
+    _, name, channels = min(candidates, key=lambda c: c[0])
+    assert (trajectory[1]["narrowed"], trajectory[1]["channels"]) == (name, channels)
 
 
 def test_a_target_the_largest_width_meets_takes_no_step(digits_checkpoint):
@@ -94,7 +112,7 @@ def test_a_target_the_largest_width_meets_takes_no_step(digits_checkpoint):
     options = DataOptions.from_config(load_checkpoint(digits_checkpoint)["config"])
     calibration, held_out = search_batches(options, 1, 1, 32)
     result = search_plan(model, dsnet.count_madds(model, None, 16), calibration, held_out, img_size=16)
-    assert result.plan == model.largest and len(result.trajectory) == 1
+    assert result.plan == result.searched == model.largest and len(result.trajectory) == 1
     assert result.top1 == evaluate_top1(model, None, held_out)
 
 
@@ -117,3 +135,25 @@ def test_command_line_rejects_an_unreachable_target(digits_checkpoint, tmp_path)
     assert result.stderr.startswith("error: MAdds target 30.00M is above the largest width's 22.00M")
     assert result.stderr.count("\n") == 1
     assert os.listdir(tmp_path) == []
+
+
+def test_search_keeps_at_least_the_accuracy_of_the_uniform_width_below(digits_checkpoint):
+    """Between two width choices, the searched plan is at least as accurate on the validation split (which the
+    search never sees) as the uniform width with the nearest MAdds below the budget."""
+    from dsnet.data import build_dataset, build_loader
+
+    model = load_supernet(digits_checkpoint)
+    options = DataOptions.from_config(load_checkpoint(digits_checkpoint)["config"])
+    calibration, held_out = search_batches(options, 2, 4, 32)
+    madds = [dsnet.count_madds(model, i, 16) for i in range(len(model.widths))]
+    below = model.widths.index(0.5)
+    target = madds[below] + (madds[below + 1] - madds[below]) // 2  # halfway from 0.5 to 0.75
+    result = search_plan(model, target, calibration, held_out, steps=4, img_size=16)
+    assert result.madds <= target and result.trajectory[0].madds == madds[below + 1]
+    assert len(result.trajectory) <= 5 and result.trajectory[-1].madds <= target
+
+    validation = list(build_loader(build_dataset(options, train=False), 128, train=False))
+    searched, uniform = evaluate_top1(model, result.plan, validation), evaluate_top1(model, below, validation)
+    print(f"searched plan {result.madds / 1e6:.2f}M MAdds: {searched:.2f}%; width 0.5 "
+          f"{madds[below] / 1e6:.2f}M: {uniform:.2f}%")
+    assert searched >= uniform

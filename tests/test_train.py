@@ -12,6 +12,9 @@ from dsnet.checkpoint import load_checkpoint
 from dsnet.config import parse_config
 from dsnet.engine import Trainer, TrainingDiverged
 from dsnet.supernet import sandwich_step, sandwich_widths
+from dsnet.train import main as train_main
+
+from conftest import run_command
 
 REPO = Path(__file__).resolve().parent.parent
 # Small and fast: 8 px digits, four widths, big batches.
@@ -48,24 +51,24 @@ def test_ema_after_one_update_is_the_decayed_average(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    straight = make_trainer(tmp_path, "--epochs", "3", name="straight")
+    straight = make_trainer(tmp_path, "--epochs", "2", name="straight")
     straight.run()
-    first = make_trainer(tmp_path, "--epochs", "3", "--epoch-limit", "2", name="split")
+    first = make_trainer(tmp_path, "--epochs", "2", "--epoch-limit", "1", name="split")
     first.run()
-    assert load_checkpoint(tmp_path / "split" / "last.pth")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "split" / "last.pth")["epoch"] == 0
     config, explicit = parse_config(["--resume", str(tmp_path / "split" / "last.pth")])
     resumed = Trainer(config, explicit)
-    assert resumed.start_epoch == 2
+    assert resumed.start_epoch == 1
     resumed.run()
     a = load_checkpoint(tmp_path / "straight" / "last.pth")
     b = load_checkpoint(tmp_path / "split" / "last.pth")
-    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"]
     for part in ("model", "ema"):
         for key in a[part]:
             assert torch.allclose(a[part][key].double(), b[part][key].double(), atol=1e-6), (part, key)
     summary = (tmp_path / "split" / "summary.csv").read_text().splitlines()
-    assert len(summary) == 4 and "ema_val_top1@0.35" in summary[0] and "val_top1@1.0" in summary[0]
-    assert yaml.safe_load((tmp_path / "split" / "args.yaml").read_text())["epochs"] == 3
+    assert len(summary) == 3 and "ema_val_top1@0.35" in summary[0] and "val_top1@1.0" in summary[0]
+    assert yaml.safe_load((tmp_path / "split" / "args.yaml").read_text())["epochs"] == 2
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypatch):
@@ -93,12 +96,12 @@ def test_diverging_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypatc
     (["--stage", "gate"], "--stage gate needs --init CHECKPOINT"),
     (["--epochs", "0"], "epochs must be a positive integer"),
 ])
-def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message):
-    result = run_cli(*args, "--output", str(tmp_path / "out"))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message, capsys):
+    code, _, err = run_command(train_main, [*args, "--output", tmp_path / "out"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_recipe_key_lists_the_valid_ones(tmp_path):
@@ -110,15 +113,15 @@ def test_unknown_recipe_key_lists_the_valid_ones(tmp_path):
     assert "unknown config key(s) ['learning_rate']" in result.stderr and "lr_base" in result.stderr
 
 
-def test_corrupt_resume_file_and_occupied_output_are_refused(tmp_path):
+def test_corrupt_resume_file_and_occupied_output_are_refused(tmp_path, capsys):
     make_trainer(tmp_path, "--epochs", "1", name="done").run()
     last = tmp_path / "done" / "last.pth"
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(last.read_bytes()[:1000])
-    result = run_cli("--resume", str(truncated), "--output", str(tmp_path / "other"))
-    assert result.returncode == 2 and "corrupt or truncated" in result.stderr and result.stderr.count("\n") == 1
-    result = run_cli(*TINY, "--output", str(tmp_path / "done"))
-    assert result.returncode == 2 and "holds another run" in result.stderr and result.stderr.count("\n") == 1
+    code, _, err = run_command(train_main, ["--resume", truncated, "--output", tmp_path / "other"], capsys)
+    assert code == 2 and "corrupt or truncated" in err and err.count("\n") == 1
+    code, _, err = run_command(train_main, [*TINY, "--output", tmp_path / "done"], capsys)
+    assert code == 2 and "holds another run" in err and err.count("\n") == 1
     assert torch.equal(load_checkpoint(last)["model"]["conv_stem.weight"],
                        torch.load(last, weights_only=False)["model"]["conv_stem.weight"])
 

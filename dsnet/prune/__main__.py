@@ -55,7 +55,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--min-channels", type=int, default=8, metavar="N",
                         help="no group is pruned below this many channels (default 8; never zero)")
     parser.add_argument("--score-batches", type=int, default=4, metavar="N",
-                        help="batches per Taylor scoring pass (default 4)")
+                        help="batches per Taylor scoring pass, and the images of DCP's per-layer problems "
+                             "(default 4)")
     parser.add_argument("--recalibrate-batches", type=int, default=8, metavar="N",
                         help="training batches for the BN recalibration of the pruned plan (default 8)")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="batch size (default 64)")

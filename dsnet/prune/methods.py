@@ -42,7 +42,7 @@ DEFAULT_PENALTY = {"l1": 0.0, "bn-scale": 1e-5, "polarization": 1e-4, "taylor": 
 POLARIZATION_T = 1.2
 TICK_FRACTION = 0.02  # Gate Decorator: channels pruned per tick, as a fraction of all prunable channels
 TOCK_EVERY = 4  # ticks between tock phases
-DCP_IMAGES, DCP_PIXELS = 256, 16  # images and sampled positions per image for DCP's per-layer problems
+DCP_PIXELS = 16  # sampled positions per image for DCP's per-layer problems (on the --score-batches images)
 
 
 @dataclass
@@ -401,13 +401,7 @@ def discrimination_aware(ctx: Context) -> Outcome:
     else:
         eta, keep = s.sparsity, uniform_keep(ctx.groups, s.sparsity, s.min_channels, dcp_keep_count)
         rule = f"DCP keep counts at η = {eta:g}"
-    images, labels = [], []
-    for x, y in batches(ctx, None):
-        images.append(x)
-        labels.append(y)
-        if sum(len(t) for t in images) >= DCP_IMAGES:
-            break
-    images, labels = torch.cat(images)[:DCP_IMAGES], torch.cat(labels)[:DCP_IMAGES]
+    images, labels = map(torch.cat, zip(*batches(ctx, s.score_batches)))
     n = len(images)
     consumers = [c for g in ctx.groups for c in g.consumers]
     full = {g.name: torch.ones(g.channels, device=ctx.device) for g in ctx.groups}
