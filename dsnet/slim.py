@@ -13,8 +13,21 @@ import torch.nn.functional as F
 import torchvision
 
 _CACHED_SLICES = 4  # contiguous weight slices a layer keeps for inference
+_INFERENCE_CACHES = ("_inference_slices", "_inference_views_cache")
 
-class SlimConv2d(nn.Conv2d):
+
+class _DropsInferenceCache:
+    """Copies and pickles leave a layer's inference cache behind: its entries are derived from the weights, and
+    views made in no-grad mode of weights later updated in place cannot be deep-copied at all."""
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for key in _INFERENCE_CACHES:
+            state.pop(key, None)
+        return state
+
+
+class SlimConv2d(_DropsInferenceCache, nn.Conv2d):
     """A convolution whose input and output channels are sliced from the front.
 
     With ``depthwise=True`` the convolution is depthwise at every width: ``groups`` equals the input channel count
@@ -80,7 +93,7 @@ class SlimConv2d(nn.Conv2d):
         return conv
 
 
-class SlimBatchNorm2d(nn.Module):
+class SlimBatchNorm2d(_DropsInferenceCache, nn.Module):
     """BatchNorm with one shared affine, sliced from the front, and private running statistics per slot.
 
     A *slot* is one set of running statistics: the supernet gives each width choice its own slot, plus one slot for

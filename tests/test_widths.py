@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import dsnet
+from dsnet.supernet import soft_cross_entropy
 
 
 def test_same_width_same_output_and_no_state_left_behind(small_supernet):
@@ -149,3 +150,25 @@ def test_inference_slices_follow_weight_updates():
     model.load_state_dict({k: v * 1 for k, v in model.state_dict().items()})
     with torch.no_grad():
         assert torch.allclose(model(x, 0.5), reference, atol=1e-5)
+
+
+def test_a_model_copies_after_inference_and_in_place_training_updates():
+    """The inference cache holds views of the weights; copies and pickles leave it behind (an EMA teacher that ran
+    inference and was then updated in place must still deep-copy)."""
+    import copy
+    import pickle
+
+    from timm.utils import ModelEmaV3
+
+    model = dsnet.create_supernet(num_classes=10, small_input=True, widths=[0.5, 1.0])
+    ema = ModelEmaV3(model, decay=0.9)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ema.module(x, 0.5)  # the teacher's inference fills its cache
+    soft_cross_entropy(model(x, 0.5), torch.full((2, 10), 0.1)).backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    ema.update(model)  # in place
+    for clone in (copy.deepcopy(ema.module), pickle.loads(pickle.dumps(ema.module))):
+        assert not any(key in m.__dict__ for m in clone.modules() for key in dsnet.slim._INFERENCE_CACHES)
+        with torch.no_grad():
+            assert torch.equal(clone(x, 0.5), ema.module(x, 0.5))
