@@ -7,10 +7,10 @@ B: the same arithmetic on separate dense `torch.nn` networks of those widths —
    largest width's parameters.
 
 Both use the same batch and a fixed sandwich (largest, two fixed middle widths, smallest), interleaved step by step
-after a warm-up, threads fixed; figures are medians. Prints A/B per batch size, a breakdown of where A's time goes
+(which side goes first alternates) after a warm-up, threads fixed; figures are medians. Prints A/B per batch size, a breakdown of where A's time goes
 against B's, and as the last line `ratio <A/B>` at the last batch size (128 by default).
 
-    python bench/train_step.py [--threads 2] [--batch-sizes 32 128] [--img-size 32] [--imagenet]
+    python bench/train_step.py [--threads 2] [--batch-sizes 32 128] [--img-size 32] [--imagenet] [--system-malloc]
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 import dsnet
+from dsnet.cpu_memory import keep_freed_memory
 from dsnet.supernet import sandwich_step, soft_cross_entropy
 
 
@@ -114,7 +115,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--channels-last", action="store_true", help="both sides in channels_last memory format")
+    parser.add_argument("--amp", action="store_true", help="both sides under bf16 autocast (train.py's --amp on CPU)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc returning freed memory to the OS (train.py's "
+                             "--no-keep-freed-memory); by default both sides keep it, as train.py does")
     args = parser.parse_args()
+    kept = not args.system_malloc and keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -134,7 +140,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, "
           f"{'ImageNet layout' if args.imagenet else 'small-input stem'}, sandwich {args.sandwich}, "
           f"{args.classes} classes, medians of {args.steps} steps after {args.warmup} warm-up"
-          f"{', channels_last' if args.channels_last else ''}")
+          f"{', channels_last' if args.channels_last else ''}{', bf16 autocast' if args.amp else ''}"
+          f"{', freed memory kept' if kept else ', freed memory returned to the OS'}")
     ratio = float("nan")
     for batch in args.batch_sizes:
         images = torch.randn(batch, 3, args.img_size, args.img_size).to(memory_format=memory_format)
@@ -143,13 +150,14 @@ def main() -> None:
         totals = {"A": [], "B": []}
         parts = {"A": [], "B": []}
         for i in range(args.warmup + args.steps):
-            for side in ("A", "B"):
+            for side in ("A", "B") if i % 2 else ("B", "A"):  # alternate which side runs first
                 clock = Clock()
                 start = time.perf_counter()
-                if side == "A":
-                    step_sliced(model, ema, optimizer, images, targets, widths, clock)
-                else:
-                    step_dense(students, teachers, dense_optimizer, dense_ema, images, targets, clock)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
+                    if side == "A":
+                        step_sliced(model, ema, optimizer, images, targets, widths, clock)
+                    else:
+                        step_dense(students, teachers, dense_optimizer, dense_ema, images, targets, clock)
                 if i >= args.warmup:
                     totals[side].append(time.perf_counter() - start)
                     parts[side].append(dict(clock.parts))

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import gating
 from .checkpoint import load_checkpoint, save_checkpoint
+from .cpu_memory import keep_freed_memory
 from .cli import UserError, write_text_atomic
 from .config import data_options, model_config, to_yaml
 from .calibrate import recalibrate_bn
@@ -196,6 +197,8 @@ class Trainer:
         if self.gated and self.resume_state is None:
             config, self.init_state = gating.prepare_config(config, explicit)
         self.config = config
+        if config["keep_freed_memory"]:
+            keep_freed_memory()
         self.dist = setup_distributed(config["device"])
         self.device = self.dist.device
         if self.device.type == "cuda":
@@ -253,6 +256,8 @@ class Trainer:
             self.model = DSMobileNetV2(self.model_config).to(self.device)
             self.widths = self.model.widths
             self.val_widths = resolve_val_widths(cfg, self.widths)
+        if cfg["channels_last"]:
+            self.model.to(memory_format=torch.channels_last)  # convolutions then keep their outputs in it too
         best = cfg["best_metric"] or DEFAULT_BEST_METRIC[cfg["stage"]]
         self.best_metric = resolve_metric(best, self.val_widths, cfg["ema"])
         self.ema = ModelEmaV3(self.model, decay=cfg["ema_decay"], use_warmup=cfg["ema_warmup"]) if cfg["ema"] else None

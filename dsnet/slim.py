@@ -44,6 +44,8 @@ class SlimConv2d(_DropsInferenceCache, nn.Conv2d):
         self.depthwise = depthwise
 
     def sliced_weight(self, in_channels: int, out_channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if in_channels == self.in_channels and (self.depthwise or out_channels == self.out_channels):
+            return self.weight, self.bias  # the whole layer: no slice for autograd to scatter back
         if self.depthwise:
             weight = self.weight[:in_channels]
             out_channels = in_channels
@@ -127,8 +129,9 @@ class SlimBatchNorm2d(_DropsInferenceCache, nn.Module):
         if self.training:
             self.num_batches_tracked[slot].add_(1)
             factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked[slot])
-        return F.batch_norm(x, self.running_mean[slot, :c], self.running_var[slot, :c], self.weight[:c],
-                            self.bias[:c], self.training, factor, self.eps)
+        weight, bias = (self.weight, self.bias) if c == self.num_features else (self.weight[:c], self.bias[:c])
+        return F.batch_norm(x, self.running_mean[slot, :c], self.running_var[slot, :c], weight, bias, self.training,
+                            factor, self.eps)
 
     def _inference_views(self, c: int, slot: int) -> tuple[torch.Tensor, ...]:
         """Views of the statistics and affine for (channels, slot), made once: views follow in-place updates,
@@ -164,7 +167,8 @@ class SlimLinear(nn.Linear):
     """A linear layer whose input features are sliced from the front (the classifier of a slimmable network)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight[:, :x.shape[1]], self.bias)
+        features = x.shape[1]
+        return F.linear(x, self.weight if features == self.in_features else self.weight[:, :features], self.bias)
 
     def export(self, in_features: int) -> nn.Linear:
         linear = nn.Linear(in_features, self.out_features, bias=self.bias is not None, device=self.weight.device,

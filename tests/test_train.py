@@ -51,24 +51,25 @@ def test_ema_after_one_update_is_the_decayed_average(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    straight = make_trainer(tmp_path, "--epochs", "2", name="straight")
+    # One random width per step (not two) to keep the test short; the sampled widths still depend on the step.
+    straight = make_trainer(tmp_path, "--epochs", "3", "--num-random-widths", "1", name="straight")
     straight.run()
-    first = make_trainer(tmp_path, "--epochs", "2", "--epoch-limit", "1", name="split")
+    first = make_trainer(tmp_path, "--epochs", "3", "--epoch-limit", "2", "--num-random-widths", "1", name="split")
     first.run()
-    assert load_checkpoint(tmp_path / "split" / "last.pth")["epoch"] == 0
+    assert load_checkpoint(tmp_path / "split" / "last.pth")["epoch"] == 1
     config, explicit = parse_config(["--resume", str(tmp_path / "split" / "last.pth")])
     resumed = Trainer(config, explicit)
-    assert resumed.start_epoch == 1
+    assert resumed.start_epoch == 2
     resumed.run()
     a = load_checkpoint(tmp_path / "straight" / "last.pth")
     b = load_checkpoint(tmp_path / "split" / "last.pth")
-    assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"]
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
     for part in ("model", "ema"):
         for key in a[part]:
             assert torch.allclose(a[part][key].double(), b[part][key].double(), atol=1e-6), (part, key)
     summary = (tmp_path / "split" / "summary.csv").read_text().splitlines()
-    assert len(summary) == 3 and "ema_val_top1@0.35" in summary[0] and "val_top1@1.0" in summary[0]
-    assert yaml.safe_load((tmp_path / "split" / "args.yaml").read_text())["epochs"] == 2
+    assert len(summary) == 4 and "ema_val_top1@0.35" in summary[0] and "val_top1@1.0" in summary[0]
+    assert yaml.safe_load((tmp_path / "split" / "args.yaml").read_text())["epochs"] == 3
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypatch):
@@ -153,3 +154,23 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
     assert result.stdout.count("epoch 1/1") == 1  # the epoch line comes from rank 0 only
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events")) == \
         ["args.yaml", "best.pth", "last.pth", "summary.csv"]
+
+
+def test_speed_options_train_a_supernet_that_equals_its_export(tmp_path):
+    """channels_last, bf16 autocast and kept freed memory together: training runs, the weights stay finite, and the
+    checkpoint's supernet equals its exported subnets."""
+    import dsnet
+    from dsnet.checkpoint import supernet_from_checkpoint
+
+    trainer = make_trainer(tmp_path, "--epochs", "1", "--channels-last", "--amp", "--keep-freed-memory",
+                           name="fast")
+    assert trainer.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    trainer.run()
+    state = load_checkpoint(tmp_path / "fast" / "last.pth")
+    assert state["config"]["channels_last"] and state["config"]["amp"]
+    model = supernet_from_checkpoint(state, "ema").eval()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    images = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        for i in range(len(model.widths)):
+            assert torch.allclose(model(images, i), dsnet.export_subnet(model, i)(images), atol=1e-5)

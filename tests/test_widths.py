@@ -172,3 +172,4 @@ def test_a_model_copies_after_inference_and_in_place_training_updates():
         assert not any(key in m.__dict__ for m in clone.modules() for key in dsnet.slim._INFERENCE_CACHES)
         with torch.no_grad():
             assert torch.equal(clone(x, 0.5), ema.module(x, 0.5))
+
