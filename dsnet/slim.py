@@ -17,14 +17,34 @@ _INFERENCE_CACHES = ("_inference_slices", "_inference_views_cache")
 
 
 class _DropsInferenceCache:
-    """Copies and pickles leave a layer's inference cache behind: its entries are derived from the weights, and
-    views made in no-grad mode of weights later updated in place cannot be deep-copied at all."""
+    """A layer's inference cache is derived from its weights, so it is dropped wherever the weights may be replaced
+    without an in-place version bump: copies and pickles leave it behind (views made in no-grad mode of weights later
+    updated in place cannot even be deep-copied), and `.to()`, `.double()`, `.cuda()` (through `_apply`, which
+    swaps `param.data`) and loading a state dict clear it. Assigning `param.data` by hand bypasses this, as it
+    bypasses autograd's version tracking."""
 
     def __getstate__(self):
         state = super().__getstate__()
         for key in _INFERENCE_CACHES:
             state.pop(key, None)
         return state
+
+    def _clear_inference_cache(self) -> None:
+        for key in _INFERENCE_CACHES:
+            self.__dict__.pop(key, None)
+
+    def _apply(self, *args, **kwargs):
+        self._clear_inference_cache()
+        return super()._apply(*args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._clear_inference_cache()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+def _same_stamp(old: tuple, new: tuple) -> bool:
+    """Stamps of (weight, weight version, bias, bias version): the same tensor objects at the same versions."""
+    return old[0] is new[0] and old[1] == new[1] and old[2] is new[2] and old[3] == new[3]
 
 
 class SlimConv2d(_DropsInferenceCache, nn.Conv2d):
@@ -66,16 +86,20 @@ class SlimConv2d(_DropsInferenceCache, nn.Conv2d):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def _inference_weight(self, in_channels: int, out_channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A contiguous copy of the slice, reused while the weights are unchanged (same storage and version).
+        """A contiguous copy of the slice, reused while the weights are unchanged (same tensors, same version).
 
         Without it a strided slice is copied inside the convolution on every call. Evaluation runs one width for
         many batches, so a few entries suffice; the bound keeps a search over many plans from holding copies.
         """
+        weight, bias = self.weight, self.bias
+        if in_channels == self.in_channels and (self.depthwise or out_channels == self.out_channels):
+            return weight, bias  # the whole layer: nothing to slice
+        # The tensors themselves and their in-place versions: a forward after a metadata check on every layer is
+        # what this cache costs at batch 1, so the check reads as little as it can.
+        stamp = (weight, weight._version, bias, None if bias is None else bias._version)
         cache = self.__dict__.setdefault("_inference_slices", {})
-        stamp = (self.weight.data_ptr(), self.weight._version,
-                 None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
         entry = cache.get((in_channels, out_channels))
-        if entry is None or entry[0] != stamp:
+        if entry is None or not _same_stamp(entry[0], stamp):
             if len(cache) >= _CACHED_SLICES:
                 cache.clear()
             weight, bias = self.sliced_weight(in_channels, out_channels)
@@ -134,13 +158,12 @@ class SlimBatchNorm2d(_DropsInferenceCache, nn.Module):
                             factor, self.eps)
 
     def _inference_views(self, c: int, slot: int) -> tuple[torch.Tensor, ...]:
-        """Views of the statistics and affine for (channels, slot), made once: views follow in-place updates,
-        and the storage pointers tell when the tensors were replaced (moved to another device, say)."""
+        """Views of the statistics and affine for (channels, slot), made once: views follow in-place updates;
+        a tensor replaced by assignment is a different object, and moves clear the cache (`_apply`)."""
         cache = self.__dict__.setdefault("_inference_views_cache", {})
-        stamp = (self.running_mean.data_ptr(), self.running_var.data_ptr(), self.weight.data_ptr(),
-                 self.bias.data_ptr())
+        stamp = (self.running_mean, self.running_var, self.weight, self.bias)
         entry = cache.get((c, slot))
-        if entry is None or entry[0] != stamp:
+        if entry is None or not all(a is b for a, b in zip(entry[0], stamp)):
             if len(cache) >= 4 * _CACHED_SLICES:
                 cache.clear()
             entry = (stamp, (self.running_mean[slot, :c], self.running_var[slot, :c], self.weight[:c],

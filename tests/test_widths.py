@@ -150,6 +150,13 @@ def test_inference_slices_follow_weight_updates():
     model.load_state_dict({k: v * 1 for k, v in model.state_dict().items()})
     with torch.no_grad():
         assert torch.allclose(model(x, 0.5), reference, atol=1e-5)
+    model.double()  # swaps every param.data without a version bump: the cache must not survive it
+    with torch.no_grad():
+        model.conv_head.weight.data = -model.conv_head.weight.data
+        model.double()
+        doubled = model(x.double(), 0.5)
+        assert doubled.dtype == torch.float64
+        assert torch.allclose(doubled, dsnet.export_subnet(model, 0.5)(x.double()), atol=1e-10)
 
 
 def test_a_model_copies_after_inference_and_in_place_training_updates():
