@@ -17,9 +17,9 @@ from dsnet.train import main as train_main
 from conftest import run_command
 
 REPO = Path(__file__).resolve().parent.parent
-# Small and fast: 8 px digits, four widths, big batches.
+# Small and fast: 8 px digits, four widths, big batches, BN recalibration before validation on 2 batches (not 8).
 TINY = ["--img-size", "8", "--widths", "0.35", "0.5", "0.75", "1.0", "--batch-size", "256", "--val-batch-size",
-        "512", "--warmup-epochs", "0", "--log-interval", "1000", "--ema"]
+        "512", "--warmup-epochs", "0", "--log-interval", "1000", "--ema", "--bn-recalibrate-batches", "2"]
 
 
 def make_trainer(tmp_path, *flags, name="run"):
