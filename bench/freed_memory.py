@@ -9,7 +9,6 @@ block, a few sandwich steps per block after one untimed step, and compares the m
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import time
 
@@ -17,18 +16,8 @@ import torch
 from timm.utils import ModelEmaV3
 
 import dsnet
-from dsnet.cpu_memory import keep_freed_memory
+from dsnet.cpu_memory import keep_freed_memory, return_freed_memory
 from dsnet.supernet import sandwich_step
-
-GLIBC_DEFAULT_MMAP_MAX, GLIBC_DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024
-
-
-def restore_glibc_defaults() -> None:
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt(-4, GLIBC_DEFAULT_MMAP_MAX)  # M_MMAP_MAX
-    mallopt(-1, GLIBC_DEFAULT_TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,11 +45,8 @@ def main() -> None:
     times: dict[bool, list[float]] = {True: [], False: []}
     for block in range(args.blocks):
         kept = block % 2 == 0
-        if kept:
-            if not keep_freed_memory():
-                raise SystemExit("this C library is not glibc: nothing to compare")
-        else:
-            restore_glibc_defaults()
+        if not (keep_freed_memory() if kept else return_freed_memory()):
+            raise SystemExit("this C library is not glibc: nothing to compare")
         step()
         for _ in range(args.steps):
             start = time.perf_counter()

@@ -19,18 +19,34 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _INT_MAX = 2**31 - 1
+_GLIBC_DEFAULT_MMAP_MAX, _GLIBC_DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024
+
+
+def _mallopt():
+    """glibc's `mallopt(param, value)`, or None on other platforms or C libraries."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def _set(mmap_max: int, trim_threshold: int) -> bool:
+    mallopt = _mallopt()
+    # mallopt returns 1 on success.
+    return mallopt is not None and mallopt(_M_MMAP_MAX, mmap_max) == 1 \
+        and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
 
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse (see the module docstring). Returns whether it applied:
     False on other platforms or C libraries, where nothing changes."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt returns 1 on success.
-    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+    return _set(0, _INT_MAX)
+
+
+def return_freed_memory() -> bool:
+    """Undo `keep_freed_memory`: glibc's defaults again (what `bench/freed_memory.py` compares against)."""
+    return _set(_GLIBC_DEFAULT_MMAP_MAX, _GLIBC_DEFAULT_TRIM_THRESHOLD)

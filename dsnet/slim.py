@@ -63,8 +63,11 @@ class SlimConv2d(_DropsInferenceCache, nn.Conv2d):
                          groups=in_channels if depthwise else 1, bias=bias)
         self.depthwise = depthwise
 
+    def _is_whole(self, in_channels: int, out_channels: int) -> bool:
+        return in_channels == self.in_channels and (self.depthwise or out_channels == self.out_channels)
+
     def sliced_weight(self, in_channels: int, out_channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if in_channels == self.in_channels and (self.depthwise or out_channels == self.out_channels):
+        if self._is_whole(in_channels, out_channels):
             return self.weight, self.bias  # the whole layer: no slice for autograd to scatter back
         if self.depthwise:
             weight = self.weight[:in_channels]
@@ -92,8 +95,8 @@ class SlimConv2d(_DropsInferenceCache, nn.Conv2d):
         many batches, so a few entries suffice; the bound keeps a search over many plans from holding copies.
         """
         weight, bias = self.weight, self.bias
-        if in_channels == self.in_channels and (self.depthwise or out_channels == self.out_channels):
-            return weight, bias  # the whole layer: nothing to slice
+        if self._is_whole(in_channels, out_channels):
+            return weight, bias  # nothing to slice, nothing to cache
         # The tensors themselves and their in-place versions: a forward after a metadata check on every layer is
         # what this cache costs at batch 1, so the check reads as little as it can.
         stamp = (weight, weight._version, bias, None if bias is None else bias._version)
