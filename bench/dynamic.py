@@ -14,7 +14,7 @@ median.
   control shows what batch size alone does here: the widest route's dense subnet on the whole batch against the
   same images in groups of the same sizes.
 
-    python bench/dynamic.py [--img-size 224] [--threads 2] [--repeats 15]
+    python bench/dynamic.py [--img-size 224] [--threads 2] [--repeats 15] [--system-malloc]
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import time
 import torch
 
 import dsnet
+from dsnet.cpu_memory import keep_freed_memory
 from dsnet.gate import GateConfig, GatedDSNet, default_routes, insert_gate
 
 
@@ -79,7 +80,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc returning freed memory to the OS; by default it keeps it, as "
+                             "eval.py and train.py do")
     args = parser.parse_args()
+    kept = not args.system_malloc and keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     size = args.img_size
@@ -91,7 +96,8 @@ def main() -> None:
     dense = [dsnet.export_subnet(gated.supernet, plan) for plan in gated.route_plans]
     madds = gated.route_madds(size)
     print(f"torch {torch.__version__}, {args.threads} threads, {size} px, medians of {args.repeats}; gate in "
-          f"{config.block}, layers before it at width {config.input_width:g}")
+          f"{config.block}, layers before it at width {config.input_width:g}, "
+          f"{'freed memory kept' if kept else 'freed memory returned to the OS'}")
     print("routes: " + ", ".join(f"{w:g} ({m / 1e6:.1f}M MAdds)" for w, m in zip(config.routes, madds.tolist())))
 
     print(f"{'route':>6} {'batch':>5} {'dynamic ms':>11} {'dense ms':>9} {'gate ms':>8} {'ratio':>7} "

@@ -45,6 +45,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def _weights(state: dict[str, Any], weights: str) -> dict[str, torch.Tensor]:
     if weights not in ("ema", "model"):
         raise UserError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if not isinstance(state.get("model"), dict):
+        raise UserError("the checkpoint holds no model weights")
     return state.get("ema") if weights == "ema" and state.get("ema") is not None else state["model"]
 
 
@@ -56,6 +58,8 @@ def _load(network: torch.nn.Module, source: dict[str, torch.Tensor]) -> None:
 
 
 def _supernet(state: dict[str, Any]) -> DSMobileNetV2:
+    if not isinstance(state.get("model_config"), dict):
+        raise UserError("the checkpoint records no supernet configuration ('model_config')")
     try:
         return DSMobileNetV2(SupernetConfig.from_dict(state["model_config"]))
     except (TypeError, ValueError) as exc:

@@ -1,4 +1,5 @@
-"""What the export and search commands read: a checkpoint's supernet, and the training data its run recorded."""
+"""What the commands that read a trained network share: its checkpoint, the data its run recorded, the device, and
+output paths."""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_checkpoint, supernet_from_checkpoint
+import torch
+
+from .checkpoint import gated_network_from_checkpoint, load_checkpoint, supernet_from_checkpoint
 from .cli import UserError
 from .data import DATASETS, DataOptions
+from .gate import GatedDSNet
 from .mobilenetv2 import DSMobileNetV2
 
 
@@ -28,14 +32,40 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                         help="dataset root (default: the one recorded in the checkpoint's config)")
 
 
-def open_checkpoint(path: str, weights: str | None) -> tuple[dict[str, Any], DSMobileNetV2, str]:
-    """The checkpoint's state, its supernet (eval mode, on CPU) and the name of the weights used."""
+def add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--device", help=f"device to {what} on: cpu, cuda, cuda:1, ... (default: cuda when available, "
+                                         "else cpu)")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The --device flag as a device: CUDA when there is one unless named, and a clear error for a wrong name."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} asked for but there are {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+def open_checkpoint(path: str, weights: str | None, gated: bool = False
+                    ) -> tuple[dict[str, Any], DSMobileNetV2 | GatedDSNet, str]:
+    """The checkpoint's state, its network (eval mode, on CPU) and the name of the weights used. The network is the
+    supernet, or with `gated` the gated network of a stage-II checkpoint."""
     state = load_checkpoint(path)
     has_ema = state.get("ema") is not None
     if weights is None:
         weights = "ema" if has_ema else "model"
     elif weights == "ema" and not has_ema:
         raise UserError(f"checkpoint {path!r} holds no EMA weights; use --weights model")
+    if gated:
+        return state, gated_network_from_checkpoint(state, weights), weights
     return state, supernet_from_checkpoint(state, weights), weights
 
 

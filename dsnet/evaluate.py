@@ -14,7 +14,8 @@ The report (``--json``) is one object::
       "checkpoint": str, "mode": "sweep" | "static" | "dynamic", "weights": "ema" | "model",
       "dataset": str, "data_dir": str | null, "split": "val", "num_samples": int,
       "img_size": int, "num_classes": int, "device": str, "threads": int,
-      "latency": null (not measured) | {"batch_size": N, "repeats": int, "warmup": int},
+      "latency": null (not measured) | {"batch_size": N, "repeats": int, "warmup": int,
+                                        "freed_memory_kept": bool},  # --keep-freed-memory
       "rows": [
         {
           "kind": "width" | "plan" | "dynamic",  # a width choice, a per-layer plan, or the gated network
@@ -62,10 +63,11 @@ from timm.utils import accuracy
 from tqdm import tqdm
 
 from .calibrate import recalibrate_bn
-from .checkpoint import gated_network_from_checkpoint, load_checkpoint, supernet_from_checkpoint
 from .cli import UserError, write_text_atomic
-from .cli_inputs import check_output_path
-from .data import DataOptions, build_dataset, build_loader, calibration_batches, num_classes_of
+from .cli_inputs import (add_checkpoint_args, add_device_arg, check_output_path, open_checkpoint, resolve_device,
+                         training_data_options)
+from .cpu_memory import keep_freed_memory, return_freed_memory
+from .data import DATASETS, build_dataset, build_loader, calibration_batches, num_classes_of
 from .export import export_subnet
 from .gate import GatedDSNet, calibrate_routes
 from .madds import count_madds, count_params
@@ -287,6 +289,8 @@ def validate_report(report: Any) -> None:
     if latency is not None:
         for key in LATENCY_KEYS:
             _check_type(f"report['latency'][{key!r}]", latency.get(key), (int,))
+        if not isinstance(latency.get("freed_memory_kept"), bool):
+            raise ValueError("report['latency']['freed_memory_kept'] must be true or false")
     if not report["rows"]:
         raise ValueError("report has no rows")
     for i, row in enumerate(report["rows"]):
@@ -438,9 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default="sweep",
                         help="sweep: every width choice; static: one subnet (--width or --plan); dynamic: the gated "
                              "network (needs a checkpoint with a gate). Default: sweep")
-    parser.add_argument("--checkpoint", required=True, help="dsnet checkpoint file")
-    parser.add_argument("--weights", choices=("ema", "model"),
-                        help="which weights to evaluate (default: ema when the checkpoint has EMA weights, else model)")
+    add_checkpoint_args(parser)
     which = parser.add_argument_group("widths")
     which.add_argument("--widths", type=float, nargs="+", metavar="W",
                        help="sweep: only these width choices (multipliers, e.g. 0.35 1.0)")
@@ -453,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="before measuring each width, reset its BN statistics and re-estimate them on N training "
                             "batches of --batch-size images (in memory; the checkpoint is not changed)")
     data = parser.add_argument_group("data (default: the dataset and transforms recorded in the checkpoint)")
-    data.add_argument("--data", help="dataset name (digits, cifar10, cifar100, mnist, fashion-mnist, imagefolder)")
-    data.add_argument("--data-dir", help="dataset root directory")
+    data.add_argument("--data", choices=DATASETS, help="dataset whose val split is evaluated")
+    data.add_argument("--data-dir", metavar="DIR", help="dataset root directory")
     data.add_argument("--batch-size", type=_positive_int, default=128, help="evaluation batch size (default: 128)")
     data.add_argument("--workers", type=_non_negative_int, default=0, help="data-loading processes (default: 0)")
     timing = parser.add_argument_group(
@@ -466,9 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="timed runs per figure; the median is reported (default: 10)")
     timing.add_argument("--latency-warmup", type=_non_negative_int, default=3, metavar="R",
                         help="untimed runs before timing (default: 3)")
+    timing.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="as train.py: glibc's malloc keeps the memory a forward frees for the next one, so a "
+                             "timed run does not page-fault fresh memory for its activations (default: on)")
     timing.add_argument("--threads", type=_positive_int, default=2,
                         help="CPU threads for the whole evaluation, torch.set_num_threads (default: 2)")
-    timing.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    add_device_arg(timing, "evaluate")
     out = parser.add_argument_group("reports (the table is always printed)")
     out.add_argument("--json", metavar="FILE", help="write the report as JSON (keys above)")
     out.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
@@ -494,51 +499,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path is not None:
             check_output_path(path, f"--{flag}")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but CUDA is not available")
-    return device
-
-
-def load_model(args: argparse.Namespace) -> tuple[dict[str, Any], DSMobileNetV2 | GatedDSNet, str]:
-    """The checkpoint, its network with the chosen weights (the gated network in dynamic mode, else the supernet),
-    and which weights those are."""
-    checkpoint = load_checkpoint(args.checkpoint)
-    for key in ("model_config", "model"):
-        if key not in checkpoint:
-            raise UserError(f"checkpoint {args.checkpoint!r} lacks {key!r}")
-    if args.mode == "dynamic" and checkpoint.get("gate") is None:
-        raise UserError(f"checkpoint {args.checkpoint!r} has no gate; train one with python train.py --stage gate")
-    has_ema = checkpoint.get("ema") is not None
-    if args.weights == "ema" and not has_ema:
-        raise UserError(f"checkpoint {args.checkpoint!r} has no EMA weights; use --weights model")
-    weights = args.weights or ("ema" if has_ema else "model")
-    if args.mode == "dynamic":
-        return checkpoint, gated_network_from_checkpoint(checkpoint, weights), weights
-    return checkpoint, supernet_from_checkpoint(checkpoint, weights), weights
-
-
-def data_options(args: argparse.Namespace, checkpoint: dict[str, Any], model: DSMobileNetV2) -> DataOptions:
-    """The checkpoint's recorded data options, with --data / --data-dir on top."""
-    config = checkpoint.get("config") or {}
-    if args.data is None and "data" not in config:
-        raise UserError(f"checkpoint {args.checkpoint!r} records no dataset; give --data (and --data-dir)")
-    opts = DataOptions.from_config(config)
-    if "img_size" not in config:
-        opts.img_size = model.config.img_size
-    if args.data is not None and args.data != opts.data:
-        opts.data, opts.data_dir = args.data, None  # the recorded directory belongs to the recorded dataset
-    if args.data_dir is not None:
-        opts.data_dir = args.data_dir
-    return opts
 
 
 def choice_plan(model: DSMobileNetV2, width: float) -> WidthPlan:
@@ -569,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         from .plot import read_reference_csv
         reference = read_reference_csv(args.reference)
     device = resolve_device(args.device)
+    if args.keep_freed_memory:
+        args.freed_memory_kept = keep_freed_memory()  # False where the C library is not glibc
+    else:
+        return_freed_memory()
+        args.freed_memory_kept = False
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -588,10 +553,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Everything between the parsed arguments and the finished report."""
-    checkpoint, network, weights = load_model(args)
+    checkpoint, network, weights = open_checkpoint(args.checkpoint, args.weights, gated=args.mode == "dynamic")
     model = network.supernet if isinstance(network, GatedDSNet) else network
     subnets = subnets_to_measure(args, model) if args.mode != "dynamic" else []
-    opts = data_options(args, checkpoint, model)
+    opts = training_data_options(checkpoint, model, args.data, args.data_dir)
     dataset = build_dataset(opts, train=False)
     classes = num_classes_of(dataset)
     if classes != model.config.num_classes:
@@ -624,7 +589,8 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> dict[
         "num_samples": len(dataset), "img_size": opts.img_size, "num_classes": classes, "device": str(device),
         "threads": args.threads,
         "latency": None if latency is None else {"batch_size": latency.batch_size, "repeats": latency.repeats,
-                                                 "warmup": latency.warmup},
+                                                 "warmup": latency.warmup,
+                                                 "freed_memory_kept": args.freed_memory_kept},
         "rows": rows,
     }
     validate_report(report)

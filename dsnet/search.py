@@ -30,8 +30,9 @@ from torch.utils.data import Subset
 
 from .calibrate import recalibrate_bn
 from .cli import ArgumentParser, UserError, run_main
-from .cli_inputs import (add_checkpoint_args, add_data_args, check_output_path, input_size, open_checkpoint,
-                         training_data_options)
+from .cli_inputs import (add_checkpoint_args, add_data_args, add_device_arg, check_output_path, input_size,
+                         open_checkpoint, resolve_device, training_data_options)
+from .cpu_memory import keep_freed_memory
 from .data import DataOptions, build_dataset, build_loader, build_transform
 from .madds import count_madds, count_params
 from .mobilenetv2 import DSMobileNetV2
@@ -266,8 +267,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="batch size (default 64)")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="seed of the shuffle that picks both sets of batches (default 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device to search on (default: cuda when available, else cpu)")
+    add_device_arg(parser, "search")
     return parser
 
 
@@ -283,10 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     largest = count_madds(model, model.largest, img_size)
     floor = count_madds(model, narrowest_plan(model, args.min_channels), img_size)
     target = parse_madds_target(args.target_madds, largest, floor)
-    try:
-        model.to(args.device)
-    except (RuntimeError, AssertionError) as exc:
-        raise UserError(f"cannot use device {args.device!r}: {str(exc).splitlines()[0]}") from None
+    model.to(resolve_device(args.device))
+    keep_freed_memory()  # as train.py does by default: batches reuse freed memory instead of page-faulting fresh
     options = training_data_options(state, model, args.data, args.data_dir)
     calibration, held_out = search_batches(options, args.recalibrate_batches, args.eval_batches, args.batch_size,
                                            args.seed)

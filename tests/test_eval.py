@@ -23,9 +23,10 @@ QUIET = ["--device", "cpu", "--threads", "1", "--no-progress"]
 
 
 def run_eval(args, capsys):
-    """Run the command as `python eval.py` would, in-process: (exit status, stdout, stderr)."""
+    """Run the command as `python eval.py` would, in-process: (exit status, stdout, stderr). `args` come last, so
+    they may override QUIET's flags."""
     with pytest.raises(SystemExit) as exit_info:
-        run_main(evaluate.main, [str(a) for a in args] + QUIET)
+        run_main(evaluate.main, [str(a) for a in QUIET + list(args)])
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
 
@@ -105,8 +106,11 @@ def test_validator_names_what_is_wrong(sweep_report):
     with pytest.raises(ValueError, match="madds"):
         evaluate.validate_report(wrong_type)
     latency_without_figures = json.loads(json.dumps(sweep_report))
-    latency_without_figures["latency"] = {"batch_size": 32, "repeats": 10, "warmup": 3}
+    latency_without_figures["latency"] = {"batch_size": 32, "repeats": 10, "warmup": 3, "freed_memory_kept": True}
     with pytest.raises(ValueError, match="latency_ms_b1"):
+        evaluate.validate_report(latency_without_figures)
+    del latency_without_figures["latency"]["freed_memory_kept"]
+    with pytest.raises(ValueError, match="freed_memory_kept"):
         evaluate.validate_report(latency_without_figures)
 
 
@@ -190,7 +194,8 @@ def test_eval_py_static_width_with_latency(digits_checkpoint, tmp_path):
     assert line.split()[0] == "0.5"
     report = json.loads((tmp_path / "static.json").read_text())
     evaluate.validate_report(report)
-    assert report["mode"] == "static" and report["latency"] == {"batch_size": 4, "repeats": 2, "warmup": 1}
+    assert report["mode"] == "static" and report["latency"] == {"batch_size": 4, "repeats": 2, "warmup": 1,
+                                                                    "freed_memory_kept": True}
     [row] = report["rows"]
     assert isinstance(row["latency_ms_b1"], float) and row["latency_ms_b1"] > 0
     assert isinstance(row["latency_ms_bN"], float) and row["latency_ms_bN"] > 0
@@ -212,6 +217,7 @@ def bad_checkpoints(digits_checkpoint, tmp_path_factory):
     torch.save({"state_dict": {}}, folder / "foreign.pth")
     other_widths = dsnet.create_supernet(**{**DIGITS_MODEL, "widths": [0.5, 1.0]})
     save_checkpoint(folder / "other-widths.pth", {**state, "model": other_widths.state_dict()})
+    save_checkpoint(folder / "no-config.pth", {k: v for k, v in state.items() if k != "model_config"})
     hundred = dsnet.create_supernet(**{**DIGITS_MODEL, "num_classes": 100})
     save_checkpoint(folder / "100-classes.pth", {**state, "model_config": hundred.config.to_dict(),
                                                  "model": hundred.state_dict()})
@@ -221,6 +227,9 @@ def bad_checkpoints(digits_checkpoint, tmp_path_factory):
 BAD_INPUTS = {
     "missing checkpoint": (["--checkpoint", "{bad}/missing.pth"], "does not exist"),
     "not a dsnet checkpoint": (["--checkpoint", "{bad}/foreign.pth"], "is not a dsnet checkpoint"),
+    "no recorded architecture": (["--checkpoint", "{bad}/no-config.pth"],
+                                 "records no supernet configuration ('model_config')"),
+    "unknown device": (["--checkpoint", "{ckpt}", "--device", "tpu"], "unknown device 'tpu'; use cpu, cuda or cuda:N"),
     "weights of other widths": (["--checkpoint", "{bad}/other-widths.pth"],
                                 "checkpoint weights do not fit its recorded architecture"),
     "dataset with other classes": (["--checkpoint", "{bad}/100-classes.pth"],

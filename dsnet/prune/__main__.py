@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 
 from ..cli import ArgumentParser, UserError, atomic_path, run_main, write_text_atomic
-from ..cli_inputs import add_checkpoint_args, add_data_args, input_size, open_checkpoint, training_data_options
+from ..cli_inputs import (add_checkpoint_args, add_data_args, add_device_arg, input_size, open_checkpoint,
+                          resolve_device, training_data_options)
+from ..cpu_memory import keep_freed_memory
 from ..data import build_dataset, build_loader, build_transform, calibration_batches
 from ..madds import count_madds, count_params
 from ..plans import write_plan_file
@@ -62,8 +64,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="batch size (default 64)")
     parser.add_argument("--workers", type=int, default=0, metavar="N", help="data-loader workers (default 0)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device (default: cuda when available, else cpu)")
+    add_device_arg(parser, "prune")
     return parser
 
 
@@ -96,10 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     largest = count_madds(model, model.largest, img_size)
     floor = count_madds(model, narrowest_plan(model, args.min_channels), img_size)
     target = None if args.target_madds is None else parse_madds_target(args.target_madds, largest, floor)
-    try:
-        model.to(args.device)
-    except (RuntimeError, AssertionError) as exc:
-        raise UserError(f"cannot use device {args.device!r}: {str(exc).splitlines()[0]}") from None
+    model.to(resolve_device(args.device))
+    keep_freed_memory()  # as train.py does by default: batches reuse freed memory instead of page-faulting fresh
     torch.manual_seed(args.seed)
     options = training_data_options(state, model, args.data, args.data_dir)
     train_set = build_dataset(options, train=True, transform=build_transform(options, train=True))

@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
 from ..mobilenetv2 import DSMobileNetV2
-from .cuts import (Keep, floor_of, global_cut_for_target, global_prune_sequence, keep_after, uniform_cut_for_target,
-                   uniform_keep)
+from .cuts import Keep, floor_of, global_cut_for_target, uniform_cut_for_target, uniform_keep
 from .groups import ChannelGroup
 from .permute import channel_masks
 from .rules import (agp_sparsity, dcp_greedy_select, dcp_keep_count, distiller_prune_count, global_threshold_masks,
