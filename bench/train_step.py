@@ -10,7 +10,7 @@ Both use the same batch and a fixed sandwich (largest, two fixed middle widths, 
 (which side goes first alternates) after a warm-up, threads fixed; figures are medians. Prints A/B per batch size, a breakdown of where A's time goes
 against B's, and as the last line `ratio <A/B>` at the last batch size (128 by default).
 
-    python bench/train_step.py [--threads 2] [--batch-sizes 32 128] [--img-size 32] [--imagenet] [--system-malloc]
+    python bench/train_step.py [--threads 2] [--batch-sizes 32 128] [--img-size 32] [--imagenet] [--contiguous] [--system-malloc]
 """
 from __future__ import annotations
 
@@ -114,7 +114,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--channels-last", action="store_true", help="both sides in channels_last memory format")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="both sides in the contiguous (NCHW) memory format (train.py's --no-channels-last); by "
+                             "default both are channels_last, as train.py trains")
     parser.add_argument("--amp", action="store_true", help="both sides under bf16 autocast (train.py's --amp on CPU)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc returning freed memory to the OS (train.py's "
@@ -123,7 +125,7 @@ def main() -> None:
     kept = not args.system_malloc and keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    memory_format = torch.contiguous_format if args.contiguous else torch.channels_last
 
     model = dsnet.create_supernet(widths=sorted(args.sandwich), num_classes=args.classes,
                                   small_input=not args.imagenet, img_size=args.img_size).train()
@@ -140,7 +142,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, "
           f"{'ImageNet layout' if args.imagenet else 'small-input stem'}, sandwich {args.sandwich}, "
           f"{args.classes} classes, medians of {args.steps} steps after {args.warmup} warm-up"
-          f"{', channels_last' if args.channels_last else ''}{', bf16 autocast' if args.amp else ''}"
+          f"{', contiguous' if args.contiguous else ', channels_last'}{', bf16 autocast' if args.amp else ''}"
           f"{', freed memory kept' if kept else ', freed memory returned to the OS'}")
     ratio = float("nan")
     for batch in args.batch_sizes:

@@ -48,5 +48,6 @@ def keep_freed_memory() -> bool:
 
 
 def return_freed_memory() -> bool:
-    """Undo `keep_freed_memory`: glibc's defaults again (what `bench/freed_memory.py` compares against)."""
+    """Undo `keep_freed_memory`: glibc's defaults again (what `bench/train_options.py --option freed-memory` compares
+    against, and eval.py's --no-keep-freed-memory)."""
     return _set(_GLIBC_DEFAULT_MMAP_MAX, _GLIBC_DEFAULT_TRIM_THRESHOLD)
