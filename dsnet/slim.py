@@ -20,8 +20,8 @@ class _DropsInferenceCache:
     """A layer's inference cache is derived from its weights, so it is dropped wherever the weights may be replaced
     without an in-place version bump: copies and pickles leave it behind (views made in no-grad mode of weights later
     updated in place cannot even be deep-copied), and `.to()`, `.double()`, `.cuda()` (through `_apply`, which
-    swaps `param.data`) and loading a state dict clear it. Assigning `param.data` by hand bypasses this, as it
-    bypasses autograd's version tracking."""
+    swaps `param.data`), loading a state dict and assigning any attribute (a new parameter or buffer) clear it.
+    Assigning `param.data` by hand bypasses this, as it bypasses autograd's version tracking."""
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -32,6 +32,10 @@ class _DropsInferenceCache:
     def _clear_inference_cache(self) -> None:
         for key in _INFERENCE_CACHES:
             self.__dict__.pop(key, None)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        self._clear_inference_cache()
 
     def _apply(self, *args, **kwargs):
         self._clear_inference_cache()
@@ -94,7 +98,8 @@ class SlimConv2d(_DropsInferenceCache, nn.Conv2d):
         Without it a strided slice is copied inside the convolution on every call. Evaluation runs one width for
         many batches, so a few entries suffice; the bound keeps a search over many plans from holding copies.
         """
-        weight, bias = self.weight, self.bias
+        params = self._parameters  # not self.weight: Module.__getattr__ costs more than the rest of the check
+        weight, bias = params["weight"], params["bias"]
         if self._is_whole(in_channels, out_channels):
             return weight, bias  # nothing to slice, nothing to cache
         # The tensors themselves and their in-place versions: a forward after a metadata check on every layer is
@@ -161,18 +166,16 @@ class SlimBatchNorm2d(_DropsInferenceCache, nn.Module):
                             factor, self.eps)
 
     def _inference_views(self, c: int, slot: int) -> tuple[torch.Tensor, ...]:
-        """Views of the statistics and affine for (channels, slot), made once: views follow in-place updates;
-        a tensor replaced by assignment is a different object, and moves clear the cache (`_apply`)."""
+        """Views of the statistics and affine for (channels, slot), made once: views follow in-place updates, and
+        replacing a tensor (assignment, `_apply`, a state-dict load) clears the cache."""
         cache = self.__dict__.setdefault("_inference_views_cache", {})
-        stamp = (self.running_mean, self.running_var, self.weight, self.bias)
-        entry = cache.get((c, slot))
-        if entry is None or not all(a is b for a, b in zip(entry[0], stamp)):
+        views = cache.get((c, slot))
+        if views is None:
             if len(cache) >= 4 * _CACHED_SLICES:
                 cache.clear()
-            entry = (stamp, (self.running_mean[slot, :c], self.running_var[slot, :c], self.weight[:c],
-                             self.bias[:c]))
-            cache[(c, slot)] = entry
-        return entry[1]
+            views = (self.running_mean[slot, :c], self.running_var[slot, :c], self.weight[:c], self.bias[:c])
+            cache[(c, slot)] = views
+        return views
 
     def export(self, channels: int, slot: int) -> nn.BatchNorm2d:
         bn = nn.BatchNorm2d(channels, eps=self.eps, momentum=0.1 if self.momentum is None else self.momentum,

@@ -157,6 +157,11 @@ def test_inference_slices_follow_weight_updates():
         doubled = model(x.double(), 0.5)
         assert doubled.dtype == torch.float64
         assert torch.allclose(doubled, dsnet.export_subnet(model, 0.5)(x.double()), atol=1e-10)
+        model.bn2.running_mean = model.bn2.running_mean + 0.5  # replaced by assignment: the views must not survive
+        model.conv_head.weight = torch.nn.Parameter(-model.conv_head.weight)
+        replaced = model(x.double(), 0.5)
+        assert (replaced - doubled).abs().max() > 1e-3
+        assert torch.allclose(replaced, dsnet.export_subnet(model, 0.5)(x.double()), atol=1e-10)
 
 
 def test_a_model_copies_after_inference_and_in_place_training_updates():
