@@ -256,3 +256,10 @@ def test_gate_stage_trains_resumes_and_evaluates_dynamically(digits_checkpoint, 
     correct = sum(r["top1"] * r["images"] / 100 for r in routes if r["images"])
     assert row["top1"] == pytest.approx(100 * correct / 360)
     assert row["top1"] > 50
+
+    code, _, err = run(evaluate.main, ["--mode", "dynamic", "--checkpoint", out / "last.pth", "--no-latency",
+                                       "--json", tmp_path / "again.json", *QUIET], capsys)
+    assert code == 0, err
+    [again] = json.loads((tmp_path / "again.json").read_text())["rows"]
+    assert (again["top1"], again["top5"], again["loss"], again["madds"], again["routes"]) == \
+        (row["top1"], row["top5"], row["loss"], row["madds"], routes)  # the same checkpoint evaluates the same
