@@ -63,6 +63,8 @@ KEYS: tuple[Key, ...] = (
     Key("se_ratio", 0.0, "squeeze-excitation in every block (0: none)"),
     # the sandwich
     Key("num_random_widths", 2, "random widths between the largest and the smallest in every step"),
+    Key("num_random_plans", 1, "random per-stage plans (each stage at its own random width choice) in every step, "
+        "learning like the random widths; trains the mixed widths of gate routes and searched plans"),
     Key("ensemble_smallest", True, "smallest width learns from the mean of the teacher's outputs of the step"),
     Key("ema", False, "EMA teacher (in-place bootstrapping); without it, distil from the live largest width"),
     Key("ema_decay", 0.99, "EMA decay per optimizer update"),
@@ -237,6 +239,8 @@ def validate(config: dict[str, Any]) -> None:
             raise UserError(f"{name} must be a positive integer, got {config[name]}")
     if config["num_random_widths"] < 0:
         raise UserError(f"num_random_widths must be ≥ 0, got {config['num_random_widths']}")
+    if config["num_random_plans"] < 0:
+        raise UserError(f"num_random_plans must be ≥ 0, got {config['num_random_plans']}")
     if config["workers"] < 0:
         raise UserError(f"workers must be ≥ 0, got {config['workers']}")
     if not 0.0 <= config["ema_decay"] < 1.0:

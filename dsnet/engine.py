@@ -36,7 +36,7 @@ from .calibrate import recalibrate_bn
 from .data import build_dataset, build_loader, calibration_batches, num_classes_of
 from .madds import count_madds
 from .mobilenetv2 import DSMobileNetV2, SupernetConfig
-from .supernet import sandwich_step, sandwich_widths
+from .supernet import random_stage_plans, sandwich_step, sandwich_widths
 
 RUN_FILES = ("args.yaml", "last.pth", "summary.csv")
 
@@ -388,11 +388,17 @@ class Trainer:
             return StepResult(result.total, {"task_loss": result.task, "gate_loss": result.gate,
                                              "madds_loss": result.madds}, result.sums)
         widths = sandwich_widths(len(self.widths), cfg["num_random_widths"], cfg["seed"], self.step)
+        plans = random_stage_plans(len(self.widths), len(self.model.stage_names), cfg["num_random_plans"],
+                                   cfg["seed"], self.step)
         losses = sandwich_step(
             self.ddp or self.model, self.ema.module if self.ema else None, images, targets, widths,
             label_smoothing=cfg["label_smoothing"], ensemble_smallest=cfg["ensemble_smallest"], backward=backward,
-            autocast=self.autocast)
-        return StepResult(losses.total, {f"loss@{width_label(self.widths[w])}": v for w, v in losses.per_width}, {})
+            autocast=self.autocast, plans=plans)
+        logged = {f"loss@{width_label(self.widths[w])}": v for w, v in losses.per_width if not isinstance(w, tuple)}
+        plan_losses = [v for w, v in losses.per_width if isinstance(w, tuple)]
+        if plan_losses:
+            logged["loss@plans"] = sum(plan_losses) / len(plan_losses)
+        return StepResult(losses.total, logged, {})
 
     def _all_reduce(self, sums: dict[str, float]) -> dict[str, float]:
         if self.dist.world_size == 1 or not sums:

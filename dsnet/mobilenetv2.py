@@ -464,9 +464,14 @@ class DSMobileNetV2(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
-    def forward_features(self, x: torch.Tensor, width: Any = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, width: Any = None, running_stats: bool = True) -> torch.Tensor:
         route = self._route(width)
-        slot = self.stats_slot(route.plan)
+        if running_stats:
+            slot = self.stats_slot(route.plan)
+        elif self.training:
+            slot = None  # batch statistics only: no slot is claimed or updated
+        else:
+            raise ValueError("running_stats=False needs training mode: evaluation normalises with running statistics")
         x = self._stem(x, route, slot)
         x = self._blocks(x, route, slot, 0, len(self._flat_blocks))
         return self._head_features(x, route, slot)
@@ -502,8 +507,10 @@ class DSMobileNetV2(nn.Module):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(global_avg_pool(x)))
 
-    def forward(self, x: torch.Tensor, width: Any = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, width))
+    def forward(self, x: torch.Tensor, width: Any = None, running_stats: bool = True) -> torch.Tensor:
+        """Logits at `width`. In training, ``running_stats=False`` leaves every BN's running statistics alone (the
+        random plans of stage I, which would otherwise claim a custom slot each step)."""
+        return self.forward_head(self.forward_features(x, width, running_stats))
 
 
 def _cache_key(width: Any) -> Any:

@@ -153,8 +153,15 @@ class SlimBatchNorm2d(_DropsInferenceCache, nn.Module):
         self.running_var[slot].fill_(1.0)
         self.num_batches_tracked[slot].zero_()
 
-    def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot: int | None) -> torch.Tensor:
+        """Normalise `x` (its channels are the first of this layer's) with the statistics of `slot`; in training,
+        `slot=None` normalises with the batch statistics and updates no running statistics."""
         c = x.shape[1]
+        if slot is None:
+            if not self.training:
+                raise ValueError("BN without a statistics slot needs training mode (batch statistics)")
+            weight, bias = (self.weight, self.bias) if c == self.num_features else (self.weight[:c], self.bias[:c])
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         if not self.training and not torch.is_grad_enabled():
             return F.batch_norm(x, *self._inference_views(c, slot), False, 0.0, self.eps)
         factor = 0.0

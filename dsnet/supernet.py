@@ -8,6 +8,11 @@ the optimizer then takes one step on the summed gradients:
 - the smallest width learns from the mean of the teacher's softmax at the largest width and at the random widths
   of this step (ensemble), or from the teacher's largest alone.
 
+Optionally (`num_random_plans`), each step also trains random *per-stage* plans — every stage at its own
+randomly drawn width choice — which learn like the random widths (not part of the ensemble). A supernet trained at
+uniform widths alone is weak at plans that mix widths: a gate's routes (wide before the gate, narrower after it)
+and the per-layer plans a search visits.
+
 Without an EMA teacher the targets come from the live largest width's detached output (in-place distillation).
 Each width's loss is backpropagated as soon as it is computed, so only one width's activations are alive at once.
 """
@@ -41,6 +46,17 @@ def sandwich_widths(num_choices: int, num_random: int, seed: int, step: int) -> 
     return widths
 
 
+def random_stage_plans(num_choices: int, num_stages: int, count: int, seed: int, step: int
+                       ) -> list[tuple[int, ...]]:
+    """`count` per-stage plans of one step, each a tuple of one choice index per stage, drawn uniformly and
+    independently from a generator seeded by (seed, step) alone (a different stream from `sandwich_widths`)."""
+    if count == 0:
+        return []
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + 1)
+    draws = torch.randint(num_choices, (count, num_stages), generator=generator)
+    return [tuple(row) for row in draws.tolist()]
+
+
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     return torch.sum(-target_probs * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
@@ -48,17 +64,18 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
 @dataclass
 class SandwichLosses:
     total: float  # the sum that was backpropagated (before any division for gradient accumulation)
-    per_width: list[tuple[int, float]]  # (choice index, its loss) in the order trained
+    per_width: list[tuple[int | tuple[int, ...], float]]  # (choice index or per-stage plan, its loss), in order
 
 
 def sandwich_step(model: nn.Module, teacher: nn.Module | None, images: torch.Tensor, targets: torch.Tensor,
                   widths: list[int], label_smoothing: float = 0.0, ensemble_smallest: bool = True,
                   backward: Callable[[torch.Tensor, bool], None] | None = None,
-                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                  ) -> SandwichLosses:
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  plans: list[tuple[int, ...]] = ()) -> SandwichLosses:
     """Forward and backward of one sandwich; the caller steps the optimizer.
 
-    `widths` comes from `sandwich_widths`: largest first, smallest last. `backward(loss, is_last)` runs the
+    `widths` comes from `sandwich_widths`: largest first, smallest last; `plans` from `random_stage_plans`, trained
+    after the random widths against the same target. `backward(loss, is_last)` runs the
     backward pass (default `loss.backward()`); the trainer uses it for loss scaling and gradient accumulation.
     Under DistributedDataParallel each width's backward reduces the gradients accumulated so far, which keeps
     the sum exact.
@@ -73,7 +90,7 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, images: torch.Ten
             for w in [largest, *(random_widths if ensemble_smallest else [])]:
                 teacher_probs[w] = F.softmax(teacher(images, w).float(), dim=-1)
 
-    per_width: list[tuple[int, float]] = []
+    per_width: list[tuple[int | tuple[int, ...], float]] = []
     with autocast():
         logits = model(images, largest)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
@@ -85,6 +102,12 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, images: torch.Ten
     for w in random_widths:
         with autocast():
             loss = soft_cross_entropy(model(images, w).float(), teacher_probs[largest])
+        backward(loss, False)
+        per_width.append((w, loss.item()))
+
+    for w in plans:  # batch statistics only: a random plan has no BN slot of its own
+        with autocast():
+            loss = soft_cross_entropy(model(images, w, running_stats=False).float(), teacher_probs[largest])
         backward(loss, False)
         per_width.append((w, loss.item()))
 

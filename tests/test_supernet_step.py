@@ -1,11 +1,12 @@
 """The stage-I step: sandwich sampling and in-place ensemble bootstrapping, against hand-computed losses."""
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import dsnet
-from dsnet.supernet import sandwich_step, sandwich_widths
+from dsnet.supernet import random_stage_plans, sandwich_step, sandwich_widths
 
 
 def test_sandwich_widths_depend_only_on_seed_and_step():
@@ -21,14 +22,58 @@ def test_sandwich_widths_depend_only_on_seed_and_step():
     assert middles == set(range(1, 13))  # every width in between is drawn
 
 
-def test_step_loss_and_gradients_equal_the_hand_computed_sandwich():
+def student_teacher_and_batch():
+    """A 4-width supernet in training mode, a teacher that differs from it, and a batch of 8 random images."""
     torch.manual_seed(0)
     model = dsnet.create_supernet(widths=[0.35, 0.5, 0.75, 1.0], num_classes=10, small_input=True).train()
     teacher = copy.deepcopy(model).eval()
     with torch.no_grad():
         for p in teacher.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # a teacher that differs from the student
-    images, targets = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+            p.add_(torch.randn_like(p) * 0.05)
+    return model, teacher, torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+
+
+def test_random_stage_plans_depend_only_on_seed_and_step():
+    draws = [random_stage_plans(14, 9, 2, seed=5, step=s) for s in range(20)]
+    assert draws == [random_stage_plans(14, 9, 2, seed=5, step=s) for s in range(20)]
+    assert all(len(plans) == 2 and all(len(p) == 9 for p in plans) for plans in draws)
+    assert len({p for plans in draws for p in plans}) == 40  # they differ between steps and within one
+    assert random_stage_plans(14, 9, 1, seed=6, step=0) != random_stage_plans(14, 9, 1, seed=5, step=0)
+    indices = {i for s in range(50) for p in random_stage_plans(14, 9, 1, seed=0, step=s) for i in p}
+    assert indices == set(range(14))  # every choice, the largest and smallest too, in every stage's draw
+    assert random_stage_plans(14, 9, 0, seed=0, step=0) == []
+    assert sandwich_widths(14, 2, seed=5, step=3) == sandwich_widths(14, 2, seed=5, step=3)  # a separate stream
+
+
+def test_random_plans_learn_from_the_teacher_largest_outside_the_ensemble():
+    model, teacher, images, targets = student_teacher_and_batch()
+    plan = (3, 3, 3, 3, 0, 0, 1, 2, 3)  # wide before a "gate", narrow after it
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        t3, t1 = (F.softmax(teacher(images, w), -1) for w in (3, 1))
+
+    def soft_ce(logits, p):
+        return -(p * F.log_softmax(logits, -1)).sum(-1).mean()
+
+    expected = (F.cross_entropy(reference(images, 3), targets) + soft_ce(reference(images, 1), t3)
+                + soft_ce(reference(images, plan, running_stats=False), t3)
+                + soft_ce(reference(images, 0), (t3 + t1) / 2))
+    expected.backward()
+    custom_stats = model.bn2.running_mean[model.custom_slot:].clone()
+    losses = sandwich_step(model, teacher, images, targets, [3, 1, 0], plans=[plan])
+    assert abs(losses.total - expected.item()) < 1e-5
+    assert [w for w, _ in losses.per_width] == [3, 1, plan, 0]
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+    # The plan ran on batch statistics: no custom slot was claimed or updated.
+    assert not model.has_bn_statistics(model.resolve_width(plan)) and not model.calibrated_plans.any()
+    assert torch.equal(model.bn2.running_mean[model.custom_slot:], custom_stats)
+    with pytest.raises(ValueError, match="running_stats=False needs training mode"):
+        model.eval()(images, plan, running_stats=False)
+
+
+def test_step_loss_and_gradients_equal_the_hand_computed_sandwich():
+    model, teacher, images, targets = student_teacher_and_batch()
     widths = [3, 2, 1, 0]
 
     reference = copy.deepcopy(model)
