@@ -131,10 +131,15 @@ DDP_WORKER = """
 import os, sys, torch
 from dsnet.config import parse_config
 from dsnet.engine import Trainer
-config, explicit = parse_config(sys.argv[1:])
-trainer = Trainer(config, explicit)
-trainer.run()
-torch.save(trainer.model.state_dict(), os.environ["DUMP_PREFIX"] + "-rank" + os.environ["RANK"] + ".pt")
+prefix, rank = os.environ["DUMP_PREFIX"], os.environ["RANK"]
+trainer = Trainer(*parse_config(sys.argv[1:]))
+trainer.run()  # ends with a barrier: rank 0 has written best.pth
+torch.save(trainer.model.state_dict(), prefix + "-rank" + rank + ".pt")
+gate = Trainer(*parse_config(["--stage", "gate", "--init", prefix + "/best.pth", "--output", prefix + "-gate",
+                              "--epochs", "1", "--batch-size", "256", "--gate-calibration-batches", "2",
+                              "--warmup-epochs", "0", "--log-interval", "1000"]))
+gate.run()
+torch.save(gate.model.state_dict(), prefix + "-gate-rank" + rank + ".pt")
 """
 
 
@@ -147,13 +152,15 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
                              "29517", str(worker), *TINY, "--epochs", "1", "--output", str(out)],
                             cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    rank0 = torch.load(f"{out}-rank0.pt")
-    rank1 = torch.load(f"{out}-rank1.pt")
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
-    assert result.stdout.count("epoch 1/1") == 1  # the epoch line comes from rank 0 only
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events")) == \
-        ["args.yaml", "best.pth", "last.pth", "summary.csv"]
+    for stage in ("", "-gate"):  # stage I, then stage II from its checkpoint
+        rank0 = torch.load(f"{out}{stage}-rank0.pt")
+        rank1 = torch.load(f"{out}{stage}-rank1.pt")
+        for key in rank0:
+            assert torch.equal(rank0[key], rank1[key]), (stage, key)
+        assert sorted(p.name for p in Path(f"{out}{stage}").iterdir() if not p.name.startswith("events")) == \
+            ["args.yaml", "best.pth", "last.pth", "summary.csv"]
+    assert "gate.slimming.weight" in rank0  # the last comparison was the gated network's
+    assert result.stdout.count("epoch 1/1") == 2  # one epoch line per stage, from rank 0 only
 
 
 def test_speed_options_train_a_supernet_that_equals_its_export(tmp_path):
