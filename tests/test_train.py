@@ -131,36 +131,40 @@ DDP_WORKER = """
 import os, sys, torch
 from dsnet.config import parse_config
 from dsnet.engine import Trainer
-prefix, rank = os.environ["DUMP_PREFIX"], os.environ["RANK"]
 trainer = Trainer(*parse_config(sys.argv[1:]))
-trainer.run()  # ends with a barrier: rank 0 has written best.pth
-torch.save(trainer.model.state_dict(), prefix + "-rank" + rank + ".pt")
-gate = Trainer(*parse_config(["--stage", "gate", "--init", prefix + "/best.pth", "--output", prefix + "-gate",
-                              "--epochs", "1", "--batch-size", "256", "--gate-calibration-batches", "2",
-                              "--warmup-epochs", "0", "--log-interval", "1000"]))
-gate.run()
-torch.save(gate.model.state_dict(), prefix + "-gate-rank" + rank + ".pt")
+trainer.run()
+torch.save(trainer.model.state_dict(), os.environ["DUMP_PREFIX"] + "-rank" + os.environ["RANK"] + ".pt")
 """
 
 
-def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
-    worker = tmp_path / "worker.py"
-    worker.write_text(DDP_WORKER)
-    out = tmp_path / "ddp"
+def torchrun(worker, port, out, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                             "29517", str(worker), *TINY, "--epochs", "1", "--output", str(out)],
+                             str(port), str(worker), *args, "--output", str(out)],
                             cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    for stage in ("", "-gate"):  # stage I, then stage II from its checkpoint
-        rank0 = torch.load(f"{out}{stage}-rank0.pt")
-        rank1 = torch.load(f"{out}{stage}-rank1.pt")
+    return result
+
+
+def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
+    """Stage I, then stage II from its checkpoint, each a 2-process run: identical weights on both ranks, logs and
+    files from rank 0 only."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    out, gate = tmp_path / "ddp", tmp_path / "ddp-gate"
+    runs = [torchrun(worker, 29517, out, *TINY, "--epochs", "1"),
+            torchrun(worker, 29518, gate, "--stage", "gate", "--init", out / "best.pth", "--epochs", "1",
+                     "--batch-size", "256", "--gate-calibration-batches", "2", "--warmup-epochs", "0",
+                     "--log-interval", "1000")]
+    for result, run in zip(runs, (out, gate)):
+        rank0 = torch.load(f"{run}-rank0.pt")
+        rank1 = torch.load(f"{run}-rank1.pt")
         for key in rank0:
-            assert torch.equal(rank0[key], rank1[key]), (stage, key)
-        assert sorted(p.name for p in Path(f"{out}{stage}").iterdir() if not p.name.startswith("events")) == \
+            assert torch.equal(rank0[key], rank1[key]), (run.name, key)
+        assert result.stdout.count("epoch 1/1") == 1  # the epoch line comes from rank 0 only
+        assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events")) == \
             ["args.yaml", "best.pth", "last.pth", "summary.csv"]
-    assert "gate.slimming.weight" in rank0  # the last comparison was the gated network's
-    assert result.stdout.count("epoch 1/1") == 2  # one epoch line per stage, from rank 0 only
+    assert "gate.slimming.weight" in rank0  # the second run trained the gated network
 
 
 def test_speed_options_train_a_supernet_that_equals_its_export(tmp_path):
