@@ -76,8 +76,8 @@ class SearchStep:
     params: int
     top1: float  # held-out top-1 of the plan after this step, in percent
     loss: float  # its held-out cross-entropy
-    narrowed: str | None  # the group narrowed in this step (None: the starting plan)
-    channels: int | None  # its new channel count
+    narrowed: str | None  # the group (or stage) narrowed in this step (None: the starting plan)
+    channels: int | float | None  # its new channel count (its new width multiplier, for a stage)
 
 
 @dataclass
@@ -101,7 +101,8 @@ class _Candidate:
     loss: float
     madds: int
     narrowed: str
-    channels: int
+    channels: int | float
+    stages: tuple[int, ...] | None  # per-stage choice indices, when the search moves whole stages
 
     def cost(self, loss: float, madds: int, needed: int) -> tuple[bool, float]:
         """Sort key from the current plan's (loss, madds): candidates that save the `needed` MAdds first, then the
@@ -170,20 +171,52 @@ def search_batches(options: DataOptions, calibration: int, evaluation: int, batc
     return calibration_batches, load(order[cut:needed])
 
 
+def _group_moves(model: DSMobileNetV2, plan: WidthPlan, madds: int, needed: int, step: int, min_channels: int,
+                 img_size: int | None):
+    """(group, channels, width, MAdds) of each group narrowed by as many `step`-channel steps as saving `needed`
+    MAdds takes (fewer where `min_channels` stops it)."""
+    channels = plan.as_dict()
+    for name in model.group_names:
+        narrower, candidate_madds, candidate = channels[name], madds, None
+        while madds - candidate_madds < needed and narrower > min_channels:
+            narrower = max(narrower - step, min_channels)
+            candidate = {**channels, name: narrower}
+            candidate_madds = count_madds(model, candidate, img_size)
+        if candidate is not None:
+            yield name, narrower, candidate, candidate_madds
+
+
+def _stage_moves(model: DSMobileNetV2, stages: tuple[int, ...], madds: int, needed: int, img_size: int | None):
+    """(stage, multiplier, per-stage choice indices, MAdds) of each stage moved down as many width choices as saving
+    `needed` MAdds takes (fewer at the smallest choice)."""
+    for s, name in enumerate(model.stage_names):
+        index, candidate_madds, candidate = stages[s], madds, None
+        while madds - candidate_madds < needed and index > 0:
+            index -= 1
+            candidate = (*stages[:s], index, *stages[s + 1:])
+            candidate_madds = count_madds(model, candidate, img_size)
+        if candidate is not None and candidate_madds < madds:  # the head, for one, never narrows below 1280
+            yield name, model.widths[index], candidate, candidate_madds
+
+
 def search_plan(model: DSMobileNetV2, target_madds: int, calibration_batches: Sequence[torch.Tensor],
                 eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], step: int = 8, min_channels: int = 8,
                 img_size: int | None = None,
                 progress: Callable[[SearchStep, int, float], None] | None = None,
-                start: str = "nearest", steps: int = 10) -> SearchResult:
+                start: str = "nearest", steps: int = 10, granularity: str = "channels") -> SearchResult:
     """Greedily narrow a width choice until its MAdds are at most `target_madds` (see the module docstring);
     `start` is `nearest` or `largest` (see `start_plan`).
 
     The way from the start to the target is cut into about `steps` equal MAdds savings. Each candidate narrows one
     group by as many `step`-channel steps as that saving needs (fewer where `min_channels` stops it), so the
-    candidates of a step cost about the same and their held-out losses compare fairly.
+    candidates of a step cost about the same and their held-out losses compare fairly. With
+    ``granularity="stage"`` a candidate moves one whole stage down as many width choices as the saving needs
+    instead: the plans are the per-stage plans that stage I trains with `--num-random-plans`.
     `progress(step, candidates, seconds)` is called after every step. The model's custom BN slot is left
     calibrated for the plan returned (when it is not a width choice).
     """
+    if granularity not in ("channels", "stage"):
+        raise ValueError(f"granularity must be 'channels' or 'stage', got {granularity!r}")
     if step < 1 or min_channels < 1 or steps < 1:
         raise ValueError(f"step, min_channels and steps must be at least 1, got {step}, {min_channels} and {steps}")
     floor = count_madds(model, narrowest_plan(model, min_channels), img_size)
@@ -191,33 +224,29 @@ def search_plan(model: DSMobileNetV2, target_madds: int, calibration_batches: Se
         raise ValueError(f"MAdds target {_millions(target_madds)} is below the {_millions(floor)} that the "
                          f"narrowest allowed plan needs")
     plan = start_plan(model, target_madds, start, img_size)
+    stages = (plan.choice,) * len(model.stage_names) if granularity == "stage" else None
     madds = count_madds(model, plan, img_size)
     saving = max(1, math.ceil((madds - target_madds) / steps))
     top1, loss = evaluate_plan(model, plan, eval_batches)
     trajectory = [SearchStep(madds, count_params(model, plan), top1, loss, None, None)]
     while madds > target_madds:
         began = time.perf_counter()
-        channels = plan.as_dict()
         needed = min(saving, madds - target_madds)
+        moves = (_stage_moves(model, stages, madds, needed, img_size) if stages is not None else
+                 _group_moves(model, plan, madds, needed, step, min_channels, img_size))
         candidates = []
-        for name in model.group_names:
-            narrower, candidate_madds = channels[name], madds
-            while madds - candidate_madds < needed and narrower > min_channels:
-                narrower = max(narrower - step, min_channels)
-                candidate = model.resolve_width({**channels, name: narrower})
-                candidate_madds = count_madds(model, candidate, img_size)
-            if narrower >= channels[name]:
-                continue
+        for name, value, width, candidate_madds in moves:
+            candidate = model.resolve_width(width)
             if candidate.choice is None:  # a width choice keeps its own statistics
                 recalibrate_bn(model, candidate, calibration_batches)
             candidates.append(_Candidate(candidate, *evaluate_plan(model, candidate, eval_batches), candidate_madds,
-                                         name, narrower))
+                                         name, value, width if stages is not None else None))
         if not candidates:
             raise ValueError(f"no layer group can be narrowed further, and MAdds {_millions(madds)} are still "
                              f"above the target {_millions(target_madds)}")
         # min keeps the first of equal candidates: the earlier group.
         best = min(candidates, key=lambda c: c.cost(loss, madds, needed))
-        plan, madds, top1, loss = best.plan, best.madds, best.top1, best.loss
+        plan, madds, top1, loss, stages = best.plan, best.madds, best.top1, best.loss, best.stages
         trajectory.append(SearchStep(madds, count_params(model, plan), top1, loss, best.narrowed, best.channels))
         if progress is not None:
             progress(trajectory[-1], len(candidates), time.perf_counter() - began)
@@ -255,6 +284,10 @@ def build_parser() -> ArgumentParser:
                              "(default), or largest, AutoSlim's start")
     parser.add_argument("--steps", type=int, default=10, metavar="N",
                         help="steps from the start to the target, each saving about the same MAdds (default 10)")
+    parser.add_argument("--granularity", choices=("stage", "channels"), default="channels",
+                        help="what one move narrows: stage, a whole stage down to a narrower width choice (the "
+                             "plans stage I trains with --num-random-plans), or channels, one layer group by "
+                             "--step channels (default: channels)")
     parser.add_argument("--step", type=int, default=8, metavar="N",
                         help="channel granularity: a group narrows by multiples of this many channels (default 8)")
     parser.add_argument("--min-channels", type=int, default=8, metavar="N",
@@ -298,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({candidates} candidates, {seconds:.1f} s)", flush=True)
 
     result = search_plan(model, target, calibration, held_out, args.step, args.min_channels, img_size, report,
-                         args.start, args.steps)
+                         args.start, args.steps, args.granularity)
     # The width choices on the same held-out batches (with their own BN statistics), to compare with.
     uniform = [dict(width=w, madds=count_madds(model, i, img_size), **dict(zip(("top1", "loss"),
                                                                              evaluate_plan(model, i, held_out))))
@@ -307,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.width_choice is not None:
         print(f"the searched plan (MAdds {_millions(end.madds)}, held-out top-1 {end.top1:.2f}%) is below width "
               f"choice {result.width_choice}, the widest within the budget; writing that width")
-    settings = dict(start=args.start, steps=args.steps, step=args.step, min_channels=args.min_channels,
+    settings = dict(start=args.start, steps=args.steps, granularity=args.granularity, step=args.step, min_channels=args.min_channels,
                     eval_batches=args.eval_batches, recalibrate_batches=args.recalibrate_batches,
                     batch_size=args.batch_size, seed=args.seed)
     write_plan_file(args.out, result.plan, madds=result.madds, params=result.params, top1=result.top1,

@@ -107,6 +107,46 @@ def test_search_meets_the_target_and_keeps_the_best_candidate(digits_checkpoint,
     assert (trajectory[1]["narrowed"], trajectory[1]["channels"]) == (name, channels)
 
 
+def test_stage_granularity_moves_whole_stages_between_width_choices(digits_checkpoint):
+    model = load_supernet(digits_checkpoint)
+    options = DataOptions.from_config(load_checkpoint(digits_checkpoint)["config"])
+    calibration, held_out = search_batches(options, CALIBRATION_BATCHES, EVAL_BATCHES, BATCH_SIZE)
+    largest = dsnet.count_madds(model, None, 16)
+    target = round(0.6 * largest)  # between the 0.5 (7.0M) and 0.75 (14.8M) widths: the search starts at 0.75
+    result = search_plan(model, target, calibration, held_out, img_size=16, steps=2, granularity="stage")
+    madds = [step.madds for step in result.trajectory]
+    assert madds[0] == dsnet.count_madds(model, 2, 16) and madds[-1] <= target
+    assert all(a > b for a, b in zip(madds, madds[1:])), madds
+    # Every step moves one stage to a narrower width choice: the end is a per-stage plan of choices.
+    stages = [2] * len(model.stage_names)
+    for step in result.trajectory[1:]:
+        assert step.narrowed in model.stage_names and step.channels in model.widths
+        stages[model.stage_names.index(step.narrowed)] = model.widths.index(step.channels)
+    assert result.searched == model.resolve_width(tuple(stages))
+    assert result.plan in (result.searched, model.resolve_width(0.5))
+
+    # The first step: each stage moved down the fewest choices that save half the way (the head, 1280 channels at
+    # every width, saves nothing); the kept one adds the least held-out loss per MAdds saved among those that save
+    # enough.
+    needed = -(-(madds[0] - target) // 2)
+    model = load_supernet(digits_checkpoint)
+    candidates = []
+    for s, name in enumerate(model.stage_names):
+        index, saved = 2, 0
+        while saved < needed and index > 0:
+            index -= 1
+            candidate = model.resolve_width(tuple([2] * s + [index] + [2] * (len(model.stage_names) - s - 1)))
+            saved = madds[0] - dsnet.count_madds(model, candidate, 16)
+        if saved <= 0:
+            continue
+        dsnet.recalibrate_bn(model, candidate, calibration)
+        _, loss = evaluate_plan(model, candidate, held_out)
+        candidates.append(((saved < needed, (loss - result.trajectory[0].loss) / saved), name, model.widths[index]))
+    assert "head" not in [name for _, name, _ in candidates]
+    _, name, width = min(candidates, key=lambda c: c[0])
+    assert (result.trajectory[1].narrowed, result.trajectory[1].channels) == (name, width)
+
+
 def test_a_target_the_largest_width_meets_takes_no_step(digits_checkpoint):
     model = load_supernet(digits_checkpoint)
     options = DataOptions.from_config(load_checkpoint(digits_checkpoint)["config"])
