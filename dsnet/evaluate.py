@@ -530,14 +530,14 @@ def main(argv: list[str] | None = None) -> int:
         reference = read_reference_csv(args.reference)
     device = resolve_device(args.device)
     if args.keep_freed_memory:
-        args.freed_memory_kept = keep_freed_memory()  # False where the C library is not glibc
+        freed_memory_kept = keep_freed_memory()  # False where the C library is not glibc
     else:
         return_freed_memory()
-        args.freed_memory_kept = False
+        freed_memory_kept = False
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        report = evaluate_checkpoint(args, device)
+        report = evaluate_checkpoint(args, device, freed_memory_kept)
     finally:
         torch.set_num_threads(threads_before)
     print(format_table(report))
@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, freed_memory_kept: bool) -> dict[str, Any]:
     """Everything between the parsed arguments and the finished report."""
     checkpoint, network, weights = open_checkpoint(args.checkpoint, args.weights, gated=args.mode == "dynamic")
     model = network.supernet if isinstance(network, GatedDSNet) else network
@@ -590,7 +590,7 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> dict[
         "threads": args.threads,
         "latency": None if latency is None else {"batch_size": latency.batch_size, "repeats": latency.repeats,
                                                  "warmup": latency.warmup,
-                                                 "freed_memory_kept": args.freed_memory_kept},
+                                                 "freed_memory_kept": freed_memory_kept},
         "rows": rows,
     }
     validate_report(report)

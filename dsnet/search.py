@@ -340,9 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.width_choice is not None:
         print(f"the searched plan (MAdds {_millions(end.madds)}, held-out top-1 {end.top1:.2f}%) is below width "
               f"choice {result.width_choice}, the widest within the budget; writing that width")
-    settings = dict(start=args.start, steps=args.steps, granularity=args.granularity, step=args.step, min_channels=args.min_channels,
-                    eval_batches=args.eval_batches, recalibrate_batches=args.recalibrate_batches,
-                    batch_size=args.batch_size, seed=args.seed)
+    settings = dict(start=args.start, steps=args.steps, granularity=args.granularity, step=args.step,
+                    min_channels=args.min_channels, eval_batches=args.eval_batches,
+                    recalibrate_batches=args.recalibrate_batches, batch_size=args.batch_size, seed=args.seed)
     write_plan_file(args.out, result.plan, madds=result.madds, params=result.params, top1=result.top1,
                     loss=result.loss, width_choice=result.width_choice, searched_plan=result.searched.as_dict(),
                     target_madds=target, img_size=img_size,

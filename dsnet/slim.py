@@ -157,18 +157,17 @@ class SlimBatchNorm2d(_DropsInferenceCache, nn.Module):
         """Normalise `x` (its channels are the first of this layer's) with the statistics of `slot`; in training,
         `slot=None` normalises with the batch statistics and updates no running statistics."""
         c = x.shape[1]
+        if slot is not None and not self.training and not torch.is_grad_enabled():
+            return F.batch_norm(x, *self._inference_views(c, slot), False, 0.0, self.eps)
+        weight, bias = (self.weight, self.bias) if c == self.num_features else (self.weight[:c], self.bias[:c])
         if slot is None:
             if not self.training:
                 raise ValueError("BN without a statistics slot needs training mode (batch statistics)")
-            weight, bias = (self.weight, self.bias) if c == self.num_features else (self.weight[:c], self.bias[:c])
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        if not self.training and not torch.is_grad_enabled():
-            return F.batch_norm(x, *self._inference_views(c, slot), False, 0.0, self.eps)
         factor = 0.0
         if self.training:
             self.num_batches_tracked[slot].add_(1)
             factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked[slot])
-        weight, bias = (self.weight, self.bias) if c == self.num_features else (self.weight[:c], self.bias[:c])
         return F.batch_norm(x, self.running_mean[slot, :c], self.running_var[slot, :c], weight, bias, self.training,
                             factor, self.eps)
 
