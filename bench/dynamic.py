@@ -2,8 +2,8 @@
 
 The supernet has random weights and a gate in its default place with the default routes. The gate's slimming
 head is set so that a pool of random inputs spreads evenly over the routes. Everything runs in eval mode with a
-fixed thread count. The functions compared are interleaved repeat by repeat after a warm-up; each figure is a
-median.
+fixed thread count (on CUDA, synchronised around each call). The functions compared are interleaved repeat by
+repeat after a warm-up, their order reversing every other repeat; each figure is a median.
 
 - Batch 1, for an input routed to the smallest and one routed to the largest route: the gated network against
   the dense subnet of that route plus the gate alone on its input. Target: ratio ≤ 1.05. The supernet's own
@@ -14,34 +14,20 @@ median.
   control shows what batch size alone does here: the widest route's dense subnet on the whole batch against the
   same images in groups of the same sizes.
 
-    python bench/dynamic.py [--img-size 224] [--threads 2] [--repeats 15] [--system-malloc]
+    python bench/dynamic.py [--img-size 224] [--threads 2] [--device cuda] [--repeats 15] [--system-malloc]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import dsnet
 from dsnet.cpu_memory import keep_freed_memory
 from dsnet.gate import GateConfig, GatedDSNet, default_routes, insert_gate
+from dsnet.timing import median_seconds
 
-
-def median_latencies(calls, repeats: int, warmup: int) -> list[float]:
-    """Median seconds of each zero-argument call, the calls interleaved repeat by repeat."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for call in calls:
-                call()
-        times = [[] for _ in calls]
-        for _ in range(repeats):
-            for call, t in zip(calls, times):
-                start = time.perf_counter()
-                call()
-                t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+from device import add_device_args, describe, setup_device
 
 
 @torch.no_grad()
@@ -77,25 +63,27 @@ def main() -> None:
     parser.add_argument("--num-routes", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64, help="the mixed batch (default 64)")
     parser.add_argument("--pool", type=int, default=128, help="random inputs the routes are spread over")
-    parser.add_argument("--threads", type=int, default=2)
+    add_device_args(parser)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc returning freed memory to the OS; by default it keeps it, as "
                              "eval.py and train.py do")
     args = parser.parse_args()
+    device = setup_device(parser, args)
     kept = not args.system_malloc and keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     size = args.img_size
     supernet = dsnet.create_supernet(num_classes=1000, small_input=args.small_input, img_size=size).eval()
     config = GateConfig(routes=default_routes(supernet.widths, args.num_routes), input_width=supernet.widths[-1])
     gated = insert_gate(supernet, config, [torch.randn(8, 3, size, size)]).eval()  # BN statistics of the routes
     pool = torch.randn(args.pool, 3, size, size)
-    pool_routes = spread_routes(gated, pool)
-    dense = [dsnet.export_subnet(gated.supernet, plan) for plan in gated.route_plans]
+    spread_routes(gated, pool)
+    dense = [dsnet.export_subnet(gated.supernet, plan).to(device) for plan in gated.route_plans]
+    gated, pool = gated.to(device), pool.to(device)
+    with torch.no_grad():
+        pool_routes = gated(pool, return_info=True)[1].routes  # on the device: its arithmetic decides close calls
     madds = gated.route_madds(size)
-    print(f"torch {torch.__version__}, {args.threads} threads, {size} px, medians of {args.repeats}; gate in "
+    print(f"torch {torch.__version__}, {describe(device, args.threads)}, {size} px, medians of {args.repeats}; gate in "
           f"{config.block}, layers before it at width {config.input_width:g}, "
           f"{'freed memory kept' if kept else 'freed memory returned to the OS'}")
     print("routes: " + ", ".join(f"{w:g} ({m / 1e6:.1f}M MAdds)" for w, m in zip(config.routes, madds.tolist())))
@@ -107,17 +95,17 @@ def main() -> None:
         x = pool[pool_routes == route][:1]
         h = gate_input(gated, x)
         plan = gated.route_plans[route]
-        dynamic_s, dense_s, gate_s, sliced_s = median_latencies(
+        dynamic_s, dense_s, gate_s, sliced_s = median_seconds(
             [lambda: gated(x), lambda: dense[route](x), lambda: gated.gate(h), lambda: gated.supernet(x, plan)],
-            args.repeats, args.warmup)
+            args.repeats, args.warmup, device)
         ratio = dynamic_s / (dense_s + gate_s)
         worst = max(worst, ratio)
         print(f"{config.routes[route]:>6g} {1:>5} {dynamic_s * 1e3:>11.2f} {dense_s * 1e3:>9.2f} "
               f"{gate_s * 1e3:>8.3f} {ratio:>7.3f} {sliced_s * 1e3:>10.2f} {sliced_s / dense_s:>13.3f}", flush=True)
 
     per_route = args.batch_size // len(dense)
-    picks = torch.cat([(pool_routes == r).nonzero().squeeze(1)[:per_route] for r in range(len(dense))])
-    batch = pool[picks[torch.randperm(len(picks), generator=torch.Generator().manual_seed(1))]]
+    picks = torch.cat([(pool_routes == r).nonzero().squeeze(1)[:per_route] for r in range(len(dense))]).cpu()
+    batch = pool[picks[torch.randperm(len(picks), generator=torch.Generator().manual_seed(1))].to(device)]
     with torch.no_grad():
         routes = gated(batch, return_info=True)[1].routes
     groups = [batch[routes == r] for r in range(len(dense))]
@@ -125,7 +113,7 @@ def main() -> None:
     widest = dense[-1]
     calls = ([lambda: gated(batch)] + [lambda r=r: dense[r](groups[r]) for r in present]
              + [lambda: widest(batch), lambda: [widest(groups[r]) for r in present]])
-    times = median_latencies(calls, args.repeats, args.warmup)
+    times = median_seconds(calls, args.repeats, args.warmup, device)
     dynamic_s, ideal_s = times[0], sum(times[1:1 + len(present)])
     whole_s, grouped_s = times[-2], times[-1]
     sizes = ", ".join(f"{w:g}: {len(g)}" for w, g in zip(config.routes, groups))

@@ -1,18 +1,17 @@
 """Latency of the exported dense subnet against timm's MobileNetV2 of the same width and an ONNX Runtime session.
 
 For each width, the dense subnet (`dsnet.export_subnet`), timm's `mobilenetv2_*` holding the same weights, and an
-ONNX Runtime session of the subnet's ONNX export (intra-op threads = --threads) run in eval mode on the same input,
-interleaved repeat by repeat after a warm-up; each figure is a median. The last line is `max dense/timm ratio <value>`
-over every width and batch size (the exported subnet should be no slower than timm's model: ratio ≤ 1.02).
+ONNX Runtime session of the subnet's ONNX export (intra-op threads = --threads) run in eval mode on the same input on
+the CPU, interleaved repeat by repeat (the order reversing every other repeat) after a warm-up; each figure is a
+median. The last line is `max dense/timm ratio <value>` over every width and batch size (the exported subnet should
+be no slower than timm's model: ratio ≤ 1.02).
 
     python bench/export.py [--threads 2] [--img-size 224] [--batch-sizes 1 32] [--widths 0.35 0.5 0.75 1.0]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -22,20 +21,7 @@ import torch
 
 import dsnet
 from dsnet.export import DEFAULT_OPSET, TIMM_MODELS, write_export
-
-
-def median_latencies(fns, repeats: int, warmup: int) -> list[float]:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns:
-                fn()
-        times = [[] for _ in fns]
-        for _ in range(repeats):
-            for fn, t in zip(fns, times):
-                start = time.perf_counter()
-                fn()
-                t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+from dsnet.timing import median_seconds
 
 
 def onnx_session(dense: torch.nn.Module, img_size: int, threads: int, directory: str) -> onnxruntime.InferenceSession:
@@ -80,7 +66,7 @@ def main() -> None:
                 reference.load_state_dict(dense.state_dict(), strict=True)
                 reference.eval()
                 session = onnx_session(dense, args.img_size, args.threads, directory)
-                dense_s, timm_s, ort_s = median_latencies(
+                dense_s, timm_s, ort_s = median_seconds(
                     [lambda: dense(x), lambda: reference(x), lambda: session.run(None, {"input": x_numpy})],
                     args.repeats, args.warmup)
                 worst = max(worst, dense_s / timm_s)

@@ -1,38 +1,24 @@
 """Latency of the supernet's sliced forward over the exported dense subnet of the same width.
 
 Both run in eval mode on the same input, interleaved repeat by repeat (which goes first alternates) after a warm-up,
-with a fixed thread count; each figure is a median. Batch 1 gets `--repeats-b1` repeats (a forward takes
-milliseconds there, and the machine's noise is of that order). Like train.py, the process keeps freed memory for
-reuse (`--system-malloc`: not). The last line is `max ratio <value>` over every width and batch size.
+with a fixed thread count (on CUDA, synchronised around each call); each figure is a median. Batch 1 gets
+`--repeats-b1` repeats (a forward takes milliseconds there, and the machine's noise is of that order). Like train.py,
+the process keeps freed memory for reuse (`--system-malloc`: not). The last line is `max ratio <value>` over every
+width and batch size.
 
-    python bench/slicing.py [--img-size 224] [--batch-sizes 1 32] [--threads 2] [--system-malloc]
+    python bench/slicing.py [--img-size 224] [--batch-sizes 1 32] [--threads 2] [--device cuda] [--system-malloc]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import dsnet
 from dsnet.cpu_memory import keep_freed_memory
+from dsnet.timing import median_seconds
 
-
-def median_latencies(fns, x, repeats: int, warmup: int) -> list[float]:
-    """Median latency of each fn on x; the order in which they run alternates from repeat to repeat."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns:
-                fn(x)
-        times = [[] for _ in fns]
-        for i in range(repeats):
-            order = list(zip(fns, times))
-            for fn, t in order if i % 2 == 0 else reversed(order):
-                start = time.perf_counter()
-                fn(x)
-                t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+from device import add_device_args, describe, setup_device
 
 
 def main() -> None:
@@ -41,28 +27,28 @@ def main() -> None:
     parser.add_argument("--small-input", action="store_true", help="small-input stem (use with --img-size 32)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--widths", type=float, nargs="+", help="subset of the width choices (default: all)")
-    parser.add_argument("--threads", type=int, default=2)
+    add_device_args(parser)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--repeats-b1", type=int, default=60, help="repeats at batch 1")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc returning freed memory to the OS")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
+    device = setup_device(parser, args)
     kept = not args.system_malloc and keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = dsnet.create_supernet(num_classes=1000, small_input=args.small_input, img_size=args.img_size).eval()
+    model = dsnet.create_supernet(num_classes=1000, small_input=args.small_input, img_size=args.img_size)
+    model = model.eval().to(device)
     widths = args.widths or list(model.widths)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, medians of {args.repeats} "
+    print(f"torch {torch.__version__}, {describe(device, args.threads)}, {args.img_size} px, medians of {args.repeats} "
           f"({args.repeats_b1} at batch 1), freed memory {'kept' if kept else 'returned to the OS'}")
     print(f"{'width':>6} {'batch':>5} {'sliced ms':>10} {'dense ms':>10} {'ratio':>7}")
     worst = 0.0
     for batch in args.batch_sizes:
-        x = torch.randn(batch, 3, args.img_size, args.img_size)
+        x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
         for w in widths:
-            dense = dsnet.export_subnet(model, w)
+            dense = dsnet.export_subnet(model, w).to(device)
             repeats = args.repeats_b1 if batch == 1 else args.repeats
-            sliced_s, dense_s = median_latencies([lambda t: model(t, w), dense], x, repeats, args.warmup)
+            sliced_s, dense_s = median_seconds([lambda: model(x, w), lambda: dense(x)], repeats, args.warmup, device)
             ratio = sliced_s / dense_s
             worst = max(worst, ratio)
             print(f"{w:>6.2f} {batch:>5} {sliced_s * 1e3:>10.2f} {dense_s * 1e3:>10.2f} {ratio:>7.3f}", flush=True)

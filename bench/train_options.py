@@ -6,9 +6,11 @@ by block (a few sandwich steps per block after one untimed step) and compares th
 - `--option freed-memory` (train.py's --keep-freed-memory): switches glibc's malloc between keeping the memory a step
   frees (`mallopt`) and its default. The setting is process-wide, hence the blocks.
 - `--option channels-last` (train.py's --channels-last): two copies of the same supernet, one in channels_last
-  memory format, stepped in alternating blocks; freed memory is kept for both, as train.py does.
+  memory format, stepped in alternating blocks; freed memory is kept for both, as train.py does. Runs on CUDA too
+  (`--device cuda`), synchronised around each step.
 
     python bench/train_options.py --option channels-last [--img-size 32] [--batch-size 128] [--threads 2]
+                                  [--device cuda]
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ from timm.utils import ModelEmaV3
 import dsnet
 from dsnet.cpu_memory import keep_freed_memory, return_freed_memory
 from dsnet.supernet import sandwich_step
+from dsnet.timing import synchronize
+
+from device import add_device_args, describe, setup_device
 
 
 def make_step(model: dsnet.DSMobileNetV2, images: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
@@ -44,16 +49,17 @@ def main() -> None:
     parser.add_argument("--option", choices=["freed-memory", "channels-last"], default="freed-memory")
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    add_device_args(parser)
     parser.add_argument("--blocks", type=int, default=8, help="blocks of steps, the settings alternating")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per block")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    device = setup_device(parser, args)
+    if args.option == "freed-memory" and device.type != "cpu":
+        parser.error("--option freed-memory is about the CPU's malloc: use --device cpu")
     model = dsnet.create_supernet(widths=[0.35, 0.5, 0.75, 1.0], num_classes=10, small_input=True,
-                                  img_size=args.img_size).train()
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    targets = torch.randint(0, 10, (args.batch_size,))
+                                  img_size=args.img_size).train().to(device)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    targets = torch.randint(0, 10, (args.batch_size,), device=device)
 
     if args.option == "freed-memory":
         step = make_step(model, images, targets)
@@ -79,11 +85,13 @@ def main() -> None:
         step = on_step if on else off_step
         step()
         for _ in range(args.steps):
+            synchronize(device)
             start = time.perf_counter()
             step()
+            synchronize(device)
             times[on].append(time.perf_counter() - start)
     on_time, off_time = statistics.median(times[True]), statistics.median(times[False])
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, batch {args.batch_size}, "
+    print(f"torch {torch.__version__}, {describe(device, args.threads)}, {args.img_size} px, batch {args.batch_size}, "
           f"sandwich 1.0/0.75/0.5/0.35, medians of {len(times[True])} steps per setting")
     print(f"{on_name} {on_time * 1e3:.0f} ms, {off_name} {off_time * 1e3:.0f} ms")
     print(f"ratio {on_time / off_time:.3f}")

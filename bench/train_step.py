@@ -7,10 +7,12 @@ B: the same arithmetic on separate dense `torch.nn` networks of those widths —
    largest width's parameters.
 
 Both use the same batch and a fixed sandwich (largest, two fixed middle widths, smallest), interleaved step by step
-(which side goes first alternates) after a warm-up, threads fixed; figures are medians. Prints A/B per batch size, a breakdown of where A's time goes
-against B's, and as the last line `ratio <A/B>` at the last batch size (128 by default).
+(which side goes first alternates) after a warm-up, threads fixed (on CUDA, synchronised around each timed part);
+figures are medians. Prints A/B per batch size, a breakdown of where A's time goes against B's, and as the last line
+`ratio <A/B>` at the last batch size (128 by default).
 
-    python bench/train_step.py [--threads 2] [--batch-sizes 32 128] [--img-size 32] [--imagenet] [--contiguous] [--system-malloc]
+    python bench/train_step.py [--threads 2] [--device cuda] [--batch-sizes 32 128] [--img-size 32] [--imagenet]
+                               [--contiguous] [--amp] [--system-malloc]
 """
 from __future__ import annotations
 
@@ -28,17 +30,23 @@ from timm.utils import ModelEmaV3
 import dsnet
 from dsnet.cpu_memory import keep_freed_memory
 from dsnet.supernet import sandwich_step, soft_cross_entropy
+from dsnet.timing import synchronize
+
+from device import add_device_args, describe, setup_device
 
 
 class Clock:
     """Accumulates wall time per named part within one step."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device | None = None):
+        self.device = device
         self.parts: dict[str, float] = defaultdict(float)
 
     def time(self, name: str, fn):
+        synchronize(self.device)
         start = time.perf_counter()
         out = fn()
+        synchronize(self.device)
         self.parts[name] += time.perf_counter() - start
         return out
 
@@ -72,8 +80,10 @@ def check_same_arithmetic(model, ema, images, targets, widths) -> None:
     reference = copy.deepcopy(model)
     sandwich_step(reference, ema.module, images, targets, widths, label_smoothing=0.1)
     for (name, a), b in zip(replica.named_parameters(), reference.parameters()):
-        if (a.grad is None) != (b.grad is None) or (a.grad is not None and not torch.allclose(a.grad, b.grad,
-                                                                                              atol=1e-5)):
+        # CUDA's convolution backward may sum in a different order from one call to the next
+        tolerance = 1e-5 if a.device.type == "cpu" else 1e-4
+        if (a.grad is None) != (b.grad is None) or (a.grad is not None and not torch.allclose(
+                a.grad, b.grad, atol=tolerance, rtol=tolerance)):
             raise SystemExit(f"the timed step differs from dsnet.supernet.sandwich_step in the gradient of {name}")
 
 
@@ -105,7 +115,7 @@ def median_parts(samples: list[dict[str, float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    add_device_args(parser)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--imagenet", action="store_true", help="ImageNet layout (no small-input stem)")
@@ -117,49 +127,52 @@ def main() -> None:
     parser.add_argument("--contiguous", action="store_true",
                         help="both sides in the contiguous (NCHW) memory format (train.py's --no-channels-last); by "
                              "default both are channels_last, as train.py trains")
-    parser.add_argument("--amp", action="store_true", help="both sides under bf16 autocast (train.py's --amp on CPU)")
+    parser.add_argument("--amp", action="store_true",
+                        help="both sides under bf16 autocast on either device (train.py's --amp is bf16 on CPU, fp16 "
+                             "with a GradScaler on CUDA)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc returning freed memory to the OS (train.py's "
                              "--no-keep-freed-memory); by default both sides keep it, as train.py does")
     args = parser.parse_args()
+    device = setup_device(parser, args)
     kept = not args.system_malloc and keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     memory_format = torch.contiguous_format if args.contiguous else torch.channels_last
 
     model = dsnet.create_supernet(widths=sorted(args.sandwich), num_classes=args.classes,
                                   small_input=not args.imagenet, img_size=args.img_size).train()
-    model = model.to(memory_format=memory_format)
+    model = model.to(device, memory_format=memory_format)
     widths = [model.choice_index(w) for w in args.sandwich]
     ema = ModelEmaV3(model, decay=0.99)
     optimizer = create_optimizer_v2(model, opt="sgd", lr=0.01, weight_decay=1e-4)
 
-    students = [dsnet.export_subnet(model, w).train().to(memory_format=memory_format) for w in args.sandwich]
+    students = [dsnet.export_subnet(model, w).train().to(device, memory_format=memory_format) for w in args.sandwich]
     teachers = [copy.deepcopy(s).eval() for s in students[:-1]]
     dense_optimizer = create_optimizer_v2(students[0], opt="sgd", lr=0.01, weight_decay=1e-4)
     dense_ema = ModelEmaV3(students[0], decay=0.99)
 
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, "
+    print(f"torch {torch.__version__}, {describe(device, args.threads)}, {args.img_size} px, "
           f"{'ImageNet layout' if args.imagenet else 'small-input stem'}, sandwich {args.sandwich}, "
           f"{args.classes} classes, medians of {args.steps} steps after {args.warmup} warm-up"
           f"{', contiguous' if args.contiguous else ', channels_last'}{', bf16 autocast' if args.amp else ''}"
           f"{', freed memory kept' if kept else ', freed memory returned to the OS'}")
     ratio = float("nan")
     for batch in args.batch_sizes:
-        images = torch.randn(batch, 3, args.img_size, args.img_size).to(memory_format=memory_format)
-        targets = torch.randint(0, args.classes, (batch,))
+        images = torch.randn(batch, 3, args.img_size, args.img_size).to(device, memory_format=memory_format)
+        targets = torch.randint(0, args.classes, (batch,)).to(device)
         check_same_arithmetic(model, ema, images, targets, widths)
         totals = {"A": [], "B": []}
         parts = {"A": [], "B": []}
         for i in range(args.warmup + args.steps):
             for side in ("A", "B") if i % 2 else ("B", "A"):  # alternate which side runs first
-                clock = Clock()
+                clock = Clock(device)
+                synchronize(device)
                 start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                     if side == "A":
                         step_sliced(model, ema, optimizer, images, targets, widths, clock)
                     else:
                         step_dense(students, teachers, dense_optimizer, dense_ema, images, targets, clock)
+                synchronize(device)
                 if i >= args.warmup:
                     totals[side].append(time.perf_counter() - start)
                     parts[side].append(dict(clock.parts))

@@ -50,9 +50,7 @@ import csv
 import io
 import json
 import math
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -74,6 +72,7 @@ from .madds import count_madds, count_params
 from .mobilenetv2 import DSMobileNetV2
 from .plans import load_plan
 from .slim import WidthPlan
+from .timing import median_seconds
 
 REPORT_FORMAT = "dsnet-eval"
 REPORT_VERSION = 1
@@ -114,26 +113,11 @@ def evaluate_accuracy(forward: Callable[[torch.Tensor], torch.Tensor], loader: I
     return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss_sum / count}
 
 
-@torch.inference_mode()
 def measure_latency_ms(module: torch.nn.Module, input_shape: tuple[int, ...], device: torch.device,
                        repeats: int, warmup: int) -> float:
     """Median wall time in milliseconds of one forward of `module` on a batch of `input_shape`, after warm-up."""
     x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        module(x)
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        module(x)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_seconds([lambda: module(x)], repeats, warmup, device)[0] * 1e3
 
 
 def width_label(model: DSMobileNetV2, plan: WidthPlan) -> str:
@@ -169,7 +153,6 @@ def subnet_row(model: DSMobileNetV2, plan: WidthPlan, loader: Iterable, device: 
     return row
 
 
-@torch.inference_mode()
 def measure_dynamic_latency_ms(gated: GatedDSNet, images: torch.Tensor, batch_size: int, device: torch.device,
                                repeats: int, warmup: int) -> float:
     """Median wall time in milliseconds of the gated network on `batch_size` real images, after warm-up.
@@ -179,22 +162,9 @@ def measure_dynamic_latency_ms(gated: GatedDSNet, images: torch.Tensor, batch_si
     images = images.to(device)
     while len(images) < batch_size:
         images = torch.cat([images, images])
-    starts = [(i * batch_size) % (len(images) - batch_size + 1) for i in range(warmup + repeats)]
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times = []
-    for i, start in enumerate(starts):
-        x = images[start:start + batch_size]
-        sync()
-        begin = time.perf_counter()
-        gated(x)
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - begin)
-    return statistics.median(times) * 1e3
+    batches = iter([images[start:start + batch_size] for start in
+                    ((i * batch_size) % (len(images) - batch_size + 1) for i in range(warmup + repeats))])
+    return median_seconds([lambda: gated(next(batches))], repeats, warmup, device)[0] * 1e3
 
 
 def dynamic_row(gated: GatedDSNet, loader: Iterable, device: torch.device, img_size: int, *,

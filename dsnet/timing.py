@@ -1,0 +1,39 @@
+"""Wall-clock latency of forward calls, compared side by side: the one timing loop eval.py and bench/ share."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def synchronize(device: torch.device | None) -> None:
+    """Wait for queued CUDA work, so that a clock read after it measures the work and not its launch."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def median_seconds(calls: Sequence[Callable[[], object]], repeats: int, warmup: int,
+                   device: torch.device | None = None) -> list[float]:
+    """Median wall seconds of each zero-argument call, after `warmup` untimed rounds of all of them.
+
+    The calls are interleaved repeat by repeat and their order reverses every other repeat, so a burst of load on a
+    shared machine, or a cache one call leaves warm for the next, falls on all of them alike.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for i in range(repeats):
+        order = list(zip(calls, times))
+        for call, samples in order if i % 2 == 0 else reversed(order):
+            synchronize(device)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
