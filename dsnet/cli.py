@@ -7,7 +7,9 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+import yaml
 
 
 class UserError(Exception):
@@ -19,6 +21,67 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def read_yaml_mapping(path: str) -> dict[str, Any]:
+    """A YAML file of `key: value` settings, keys with dashes or underscores (returned with underscores)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path!r} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path!r} must hold a mapping of keys to values")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`, taking defaults from the YAML file that its `-c/--config` names; flags override the file.
+
+    The file's keys are the parser's long option names. An unknown key, or a value the option would refuse on the
+    command line, is a one-line error that names the file.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config")
+    path = pre.parse_known_args(argv)[0].config
+    if path:
+        actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+        values = read_yaml_mapping(path)
+        unknown = sorted(set(values) - set(actions))
+        if unknown:
+            raise UserError(f"unknown config key(s) {unknown} in {path}; valid keys: {', '.join(actions)}")
+        parser.set_defaults(**{key: _option_value(actions[key], value, path) for key, value in values.items()})
+        for key in values:
+            actions[key].required = False
+    return parser.parse_args(argv)
+
+
+def _option_value(action: argparse.Action, value: Any, path: str) -> Any:
+    """A config file's value for an option, checked and converted as argparse would the flag's text."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # a switch
+        if not isinstance(value, bool):
+            raise UserError(f"config key {action.dest!r} in {path} must be true or false, got {value!r}")
+        return value
+    convert = action.type or str
+    try:
+        if action.nargs in ("+", "*"):
+            items = value if isinstance(value, list) else [value]
+            converted = [convert(str(v)) for v in items]
+        elif isinstance(value, (list, dict, bool)):
+            raise TypeError
+        else:
+            converted = convert(str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise UserError(f"config key {action.dest!r} in {path}: invalid value {value!r}") from None
+    for item in converted if isinstance(converted, list) else [converted]:
+        if action.choices is not None and item not in action.choices:
+            raise UserError(f"config key {action.dest!r} in {path} must be one of {list(action.choices)}, "
+                            f"got {item!r}")
+    return converted
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .cli import UserError
+from .cli import UserError, read_yaml_mapping
 from .data import DATASETS, DataOptions
 from .mobilenetv2 import SupernetConfig
 
@@ -167,16 +166,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def load_recipe(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"config file {path!r} does not exist")
-    try:
-        values = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"config file {path!r} must hold a mapping of keys to values")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values = read_yaml_mapping(path)
     unknown = sorted(set(values) - set(KEYS_BY_NAME))
     if unknown:
         raise UserError(f"unknown config key(s) {unknown} in {path}; valid keys: {', '.join(KEYS_BY_NAME)}")

@@ -3,6 +3,7 @@ one line and exit status 2."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch
 import dsnet
 from dsnet.checkpoint import load_checkpoint, supernet_from_checkpoint
 from dsnet.data import DataOptions, build_dataset, build_loader
-from dsnet.prune.__main__ import main as prune_main
+from dsnet.cli import parse_args_with_config
+from dsnet.prune.__main__ import build_parser, main as prune_main
 from dsnet.prune.methods import METHODS
 
 from conftest import DIGITS_DATA, fvcore_conv_linear_madds, run_command
@@ -57,9 +59,15 @@ def test_every_method_meets_half_the_madds(method, digits_checkpoint, tmp_path):
 
 
 def test_without_target_l1_prunes_the_sparsity_of_every_group(digits_checkpoint, tmp_path):
+    # The settings come from a -c file; the --sparsity flag overrides the file's.
+    config = tmp_path / "l1.yaml"
+    config.write_text("method: l1\nsparsity: 0.5\nepochs: 1\nfinetune-epochs: 0\nrecalibrate_batches: 2\n"
+                      "score_batches: 2\n")
     out = tmp_path / "l1"
-    assert prune_main(["--checkpoint", str(digits_checkpoint), "--method", "l1", "--sparsity", "0.25",
-                       "--out", str(out), *QUICK]) == 0
+    assert prune_main(["-c", str(config), "--checkpoint", str(digits_checkpoint), "--sparsity", "0.25",
+                       "--out", str(out)]) == 0
+    settings = json.loads((out / "report.json").read_text())["settings"]
+    assert (settings["config"], settings["sparsity"], settings["finetune_epochs"]) == (str(config), 0.25, 0)
     plan = json.loads((out / "plan.json").read_text())["plan"]
     model = supernet_from_checkpoint(load_checkpoint(digits_checkpoint), "model")
     for name, m in zip(model.group_names, model.max_channels):
@@ -89,3 +97,14 @@ def test_the_command_line_reports_bad_input_in_one_line(digits_checkpoint, tmp_p
     assert result.stderr.startswith("error: MAdds target 1000.00M is above the largest width's")
     assert result.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_every_method_has_a_shipped_imagenet_config_that_parses():
+    configs = sorted((Path(__file__).resolve().parent.parent / "configs" / "prune").glob("imagenet-*.yaml"))
+    methods = []
+    for path in configs:
+        args = parse_args_with_config(build_parser(), ["-c", str(path), "--checkpoint", "best.pth", "--out", "out"])
+        assert path.stem == f"imagenet-{args.method}"
+        assert args.batch_size >= 64 and args.finetune_epochs >= 1  # ImageNet scale, not the digits defaults
+        methods.append(args.method)
+    assert sorted(methods) == sorted(METHODS)

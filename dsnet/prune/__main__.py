@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import ArgumentParser, UserError, atomic_path, run_main, write_text_atomic
+from ..cli import ArgumentParser, UserError, atomic_path, parse_args_with_config, run_main, write_text_atomic
 from ..cli_inputs import (add_checkpoint_args, add_data_args, add_device_arg, input_size, open_checkpoint,
                           resolve_device, training_data_options)
 from ..cpu_memory import keep_freed_memory
@@ -26,6 +26,9 @@ def build_parser() -> ArgumentParser:
                     "permute each group so its best channels come first, choose per-group widths (the method's own "
                     "rule, or the cut that meets --target-madds), slice, recalibrate BN, optionally fine-tune, and "
                     "write the dense subnet, its plan, the scores and a report into --out.")
+    parser.add_argument("-c", "--config", metavar="YAML",
+                        help="settings from a YAML file (configs/prune/*.yaml), keyed by the long option names below "
+                             "(method, epochs, finetune_epochs, ...); flags on the command line override them")
     add_checkpoint_args(parser)
     parser.add_argument("--method", required=True, choices=METHODS,
                         help="l1: Distiller's L1 ranking with AGP; bn-scale: Network Slimming; polarization: the "
@@ -90,7 +93,7 @@ def check_args(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_config(build_parser(), argv)
     check_args(args)
     state, model, weights = open_checkpoint(args.checkpoint, args.weights)
     img_size = input_size(state, model)
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                                top1=result.top1_unpruned),
                   pruned=dict(madds=result.madds, params=result.params, top1_recalibrated=result.top1_recalibrated,
                               top1_finetuned=result.top1_finetuned),
-                  settings=dict(sparsity=args.sparsity, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                  settings=dict(config=args.config, sparsity=args.sparsity, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                                 lr=args.lr, finetune_lr=args.finetune_lr, penalty=args.penalty,
                                 min_channels=args.min_channels, batch_size=args.batch_size, seed=args.seed),
                   **result.outcome.extra)
