@@ -49,8 +49,9 @@ def sandwich_widths(num_choices: int, num_random: int, seed: int, step: int) -> 
 def random_stage_plans(num_choices: int, num_stages: int, count: int, seed: int, step: int
                        ) -> list[tuple[int, ...]]:
     """`count` per-stage plans of one step, each a tuple of one choice index per stage, drawn uniformly and
-    independently from a generator seeded by (seed, step) alone (a different stream from `sandwich_widths`)."""
-    if count == 0:
+    independently from a generator seeded by (seed, step) alone (a different stream from `sandwich_widths`). With
+    one width choice every plan is that width, which the step trains already: there are none."""
+    if count == 0 or num_choices < 2:
         return []
     generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + 1)
     draws = torch.randint(num_choices, (count, num_stages), generator=generator)

@@ -1,4 +1,5 @@
 """The stage-I trainer end to end on digits: EMA, resume, distributed, NaN, bad input."""
+import copy
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from dsnet.checkpoint import load_checkpoint
@@ -48,6 +50,19 @@ def test_ema_after_one_update_is_the_decayed_average(tmp_path):
             assert torch.allclose(ema_value, expected, atol=1e-6), key
             changed += not torch.equal(ema_value, old_ema[key])
     assert changed > 0
+
+
+def test_a_single_width_trains_on_the_labels_alone(tmp_path):
+    # bench/supernet_vs_static.py trains each static network as a one-width supernet with the recipe's settings,
+    # random per-stage plans included; with one width choice there are none, and the step is plain cross-entropy.
+    trainer = make_trainer(tmp_path, "--widths", "1.0", "--val-widths", "1.0", "--num-random-plans", "1")
+    images, targets = next(iter(trainer.train_loader))
+    with torch.no_grad():
+        expected = F.cross_entropy(copy.deepcopy(trainer.model)(images, 0), targets,
+                                   label_smoothing=trainer.config["label_smoothing"]).item()
+    result = trainer.train_step(images, targets, lambda loss, is_last: loss.backward())
+    assert list(result.scalars) == ["loss@1.0"]
+    assert result.total == pytest.approx(expected, abs=1e-5)
 
 
 def test_resume_is_exact(tmp_path):
