@@ -67,6 +67,8 @@ KEYS: tuple[Key, ...] = (
     Key("ensemble_smallest", True, "smallest width learns from the mean of the teacher's outputs of the step"),
     Key("ema", False, "EMA teacher (in-place bootstrapping); without it, distil from the live largest width"),
     Key("ema_decay", 0.99, "EMA decay per optimizer update"),
+    Key("teacher_batch_stats", False, "the EMA teacher normalises with each batch's statistics instead of its "
+        "running statistics, which lag its weights early in a run"),
     Key("ema_warmup", True, "ramp the EMA decay up from 0 (timm ModelEmaV3 warm-up) for short runs"),
     Key("label_smoothing", 0.1, "label smoothing of the largest width's cross-entropy"),
     # the gate (stage II)

@@ -393,7 +393,7 @@ class Trainer:
         losses = sandwich_step(
             self.ddp or self.model, self.ema.module if self.ema else None, images, targets, widths,
             label_smoothing=cfg["label_smoothing"], ensemble_smallest=cfg["ensemble_smallest"], backward=backward,
-            autocast=self.autocast, plans=plans)
+            autocast=self.autocast, plans=plans, teacher_batch_stats=cfg["teacher_batch_stats"])
         logged = {f"loss@{width_label(self.widths[w])}": v for w, v in losses.per_width if not isinstance(w, tuple)}
         plan_losses = [v for w, v in losses.per_width if isinstance(w, tuple)]
         if plan_losses:

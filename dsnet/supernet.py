@@ -58,6 +58,23 @@ def random_stage_plans(num_choices: int, num_stages: int, count: int, seed: int,
     return [tuple(row) for row in draws.tolist()]
 
 
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module):
+    """Run `model` with every BN normalising by the batch's own statistics (and dropout off), then restore its modes.
+
+    For the teacher: its running statistics lag its weights while they move fast, early in a run."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     return torch.sum(-target_probs * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
@@ -72,7 +89,7 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, images: torch.Ten
                   widths: list[int], label_smoothing: float = 0.0, ensemble_smallest: bool = True,
                   backward: Callable[[torch.Tensor, bool], None] | None = None,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                  plans: list[tuple[int, ...]] = ()) -> SandwichLosses:
+                  plans: list[tuple[int, ...]] = (), teacher_batch_stats: bool = False) -> SandwichLosses:
     """Forward and backward of one sandwich; the caller steps the optimizer.
 
     `widths` comes from `sandwich_widths`: largest first, smallest last; `plans` from `random_stage_plans`, trained
@@ -87,9 +104,11 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, images: torch.Ten
 
     teacher_probs: dict[int, torch.Tensor] = {}
     if teacher is not None and len(widths) > 1:  # a single width learns from the labels alone
-        with torch.no_grad(), autocast():
+        stats = batch_statistics(teacher) if teacher_batch_stats else contextlib.nullcontext()
+        with torch.no_grad(), autocast(), stats:
             for w in [largest, *(random_widths if ensemble_smallest else [])]:
-                teacher_probs[w] = F.softmax(teacher(images, w).float(), dim=-1)
+                logits = teacher(images, w, running_stats=False) if teacher_batch_stats else teacher(images, w)
+                teacher_probs[w] = F.softmax(logits.float(), dim=-1)
 
     per_width: list[tuple[int | tuple[int, ...], float]] = []
     with autocast():

@@ -95,6 +95,31 @@ def test_step_loss_and_gradients_equal_the_hand_computed_sandwich():
         assert torch.allclose(p.grad, q.grad, atol=1e-6), name
 
 
+def test_a_teacher_on_batch_statistics_takes_its_targets_from_the_batch_and_changes_nothing():
+    model, teacher, images, targets = student_teacher_and_batch()
+    teacher.dropout.p = 0.5  # the teacher's dropout stays off all the same
+    before = copy.deepcopy(teacher.state_dict())
+    widths = [3, 1, 0]
+    on_batch = copy.deepcopy(teacher).train()
+    on_batch.dropout.p = 0.0
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        t3, t1 = (F.softmax(on_batch(images, w, running_stats=False), -1) for w in (3, 1))
+        stale = F.softmax(teacher(images, 3), -1)
+    assert (t3 - stale).abs().max() > 1e-2  # the two kinds of target differ on this batch
+
+    def soft_ce(logits, p):
+        return -(p * F.log_softmax(logits, -1)).sum(-1).mean()
+
+    expected = (F.cross_entropy(reference(images, 3), targets) + soft_ce(reference(images, 1), t3)
+                + soft_ce(reference(images, 0), (t3 + t1) / 2))
+    losses = sandwich_step(model, teacher, images, targets, widths, teacher_batch_stats=True)
+    assert abs(losses.total - expected.item()) < 1e-5
+    assert not teacher.training and not teacher.dropout.training
+    for name, value in teacher.state_dict().items():  # no running statistics moved
+        assert torch.equal(value, before[name]), name
+
+
 def test_without_ensemble_or_teacher_the_targets_fall_back():
     torch.manual_seed(0)
     model = dsnet.create_supernet(widths=[0.35, 0.5, 1.0], num_classes=10, small_input=True).train()
