@@ -3,15 +3,19 @@
 Trains the supernet as the recipe says, then, with the same recipe (epochs, data, augmentation, EMA), one static
 network at each of the smallest, a middle and the largest width (a supernet with that single width: plain
 cross-entropy with label smoothing). Prints the final-epoch validation top-1 of each (EMA and live weights) and the
-differences. Any train.py flag after the options below is passed to every run.
+differences. Any train.py flag after the options below is passed to every run; `--static-flags` adds flags to the
+static runs alone. A sandwich sums several losses per step, so the CIFAR-10 recipe's learning rate is a quarter of a
+single network's, and it clips gradients; give the static networks a single network's settings:
 
-    python bench/supernet_vs_static.py -c configs/cifar10.yaml --data imagefolder --data-dir /tmp/cifar10-mini
+    python bench/supernet_vs_static.py --static-flags "--lr-base 0.4 --clip-grad 0" -c configs/cifar10.yaml \
+        --data imagefolder --data-dir /tmp/cifar10-mini
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +40,8 @@ def main() -> None:
                         help="smallest, middle and largest width to compare (default: the recipe's val widths)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings to run at once (a GPU has room for all four)")
     parser.add_argument("--json", help="also write the table as JSON here")
+    parser.add_argument("--static-flags", default="", help="train.py flags for the static runs only, in one string "
+                        "(they override the shared ones)")
     args, flags = parser.parse_known_args()
     out = Path(args.bench_output)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +54,8 @@ def main() -> None:
     val_flags = ["--val-widths", *map(str, widths)]
     runs = {"supernet": [*flags, *val_flags]}
     for w in widths:
-        runs[f"static-{width_label(w)}"] = [*flags, "--widths", str(w), "--val-widths", str(w)]
+        runs[f"static-{width_label(w)}"] = [*flags, "--widths", str(w), "--val-widths", str(w),
+                                            *shlex.split(args.static_flags)]
     pending = list(runs.items())
     running: list[subprocess.Popen] = []
     while pending or running:

@@ -114,7 +114,8 @@ KEYS: tuple[Key, ...] = (
     Key("warmup_epochs", 2, "linear warm-up epochs"),
     Key("warmup_lr", 1e-5, "learning rate at the start of warm-up"),
     Key("min_lr", 0.0, "floor of the schedule"),
-    Key("clip_grad", None, "clip the gradient norm to this value", float),
+    Key("clip_grad", None, "clip the gradient norm to this value (0: no clipping, which turns a recipe's clip off)",
+        float),
     Key("accum_steps", 1, "micro-batches per optimizer update"),
     Key("amp", False, "mixed precision: bf16 autocast on CPU, fp16 with a GradScaler on CUDA"),
     Key("channels_last", True, "channels_last memory format for the model and its activations (on 2 CPU cores "
@@ -235,6 +236,8 @@ def validate(config: dict[str, Any]) -> None:
         raise UserError(f"num_random_plans must be ≥ 0, got {config['num_random_plans']}")
     if config["workers"] < 0:
         raise UserError(f"workers must be ≥ 0, got {config['workers']}")
+    if config["clip_grad"] is not None and config["clip_grad"] < 0:
+        raise UserError(f"clip_grad must be ≥ 0 (0: no clipping), got {config['clip_grad']}")
     if not 0.0 <= config["ema_decay"] < 1.0:
         raise UserError(f"ema_decay must be in [0, 1), got {config['ema_decay']}")
     if config["epoch_limit"] is not None and config["epoch_limit"] < 1:

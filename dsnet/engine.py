@@ -410,7 +410,7 @@ class Trainer:
 
     def _update(self, epoch: int) -> None:
         cfg = self.config
-        if cfg["clip_grad"] is not None:
+        if cfg["clip_grad"]:  # 0 turns a recipe's clip off
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip_grad"])
         self.scaler.step(self.optimizer)

@@ -52,6 +52,22 @@ def test_ema_after_one_update_is_the_decayed_average(tmp_path):
     assert changed > 0
 
 
+@pytest.mark.parametrize("flags,expected_norm", [((), None), (("--clip-grad", "0"), None),
+                                                   (("--clip-grad", "0.01"), 0.01)])
+def test_the_optimizer_steps_on_the_clipped_gradient_and_clip_0_is_off(tmp_path, flags, expected_norm):
+    trainer = make_trainer(tmp_path, *flags)
+    images, targets = next(iter(trainer.train_loader))
+    sandwich_step(trainer.model, trainer.ema.module, images, targets, sandwich_widths(4, 2, 0, 0))
+    raw_norm = torch.nn.utils.get_total_norm([p.grad for p in trainer.model.parameters() if p.grad is not None])
+    seen = []
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (seen.append(torch.nn.utils.get_total_norm(
+        [p.grad for p in trainer.model.parameters() if p.grad is not None])), step(*a, **k))[1]
+    trainer._update(epoch=0)
+    assert raw_norm > 0.1
+    assert seen[0].item() == pytest.approx(expected_norm or raw_norm.item(), rel=1e-4)
+
+
 def test_a_single_width_trains_on_the_labels_alone(tmp_path):
     # bench/supernet_vs_static.py trains each static network as a one-width supernet with the recipe's settings,
     # random per-stage plans included; with one width choice there are none, and the step is plain cross-entropy.
@@ -111,6 +127,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypatc
     (["--data", "cifar10", "--data-dir", "/no/such/dir"], "does not exist"),
     (["--stage", "gate"], "--stage gate needs --init CHECKPOINT"),
     (["--epochs", "0"], "epochs must be a positive integer"),
+    (["--clip-grad", "-1"], "clip_grad must be ≥ 0"),
 ])
 def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message, capsys):
     code, _, err = run_command(train_main, [*args, "--output", tmp_path / "out"], capsys)
