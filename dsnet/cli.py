@@ -37,25 +37,32 @@ def read_yaml_mapping(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse `argv`, taking defaults from the YAML file that its `-c/--config` names; flags override the file.
+def config_file_values(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """The values a YAML file gives `parser`'s options, keyed by their long names, each checked and converted as
+    argparse would the flag's text. An unknown key or a value the option would refuse is a one-line error."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    values = read_yaml_mapping(path)
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise UserError(f"unknown config key(s) {unknown} in {path}; valid keys: {', '.join(actions)}")
+    return {key: _option_value(actions[key], value, path) for key, value in values.items()}
 
-    The file's keys are the parser's long option names. An unknown key, or a value the option would refuse on the
-    command line, is a one-line error that names the file.
-    """
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`, taking defaults from the YAML file that its `-c/--config` names; flags override the file."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config")
     path = pre.parse_known_args(argv)[0].config
     if path:
-        actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-        values = read_yaml_mapping(path)
-        unknown = sorted(set(values) - set(actions))
-        if unknown:
-            raise UserError(f"unknown config key(s) {unknown} in {path}; valid keys: {', '.join(actions)}")
-        parser.set_defaults(**{key: _option_value(actions[key], value, path) for key, value in values.items()})
-        for key in values:
-            actions[key].required = False
+        values = config_file_values(parser, path)
+        parser.set_defaults(**values)
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
     return parser.parse_args(argv)
+
+
+_EXPECTED = {float: ("a number", "a list of numbers"), int: ("an integer", "a list of integers")}
 
 
 def _option_value(action: argparse.Action, value: Any, path: str) -> Any:
@@ -67,17 +74,22 @@ def _option_value(action: argparse.Action, value: Any, path: str) -> Any:
             raise UserError(f"config key {action.dest!r} in {path} must be true or false, got {value!r}")
         return value
     convert = action.type or str
+    is_list = action.nargs in ("+", "*")
     try:
-        if action.nargs in ("+", "*"):
+        if is_list:
             items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, (list, dict, bool)) for v in items):
+                raise TypeError
             converted = [convert(str(v)) for v in items]
         elif isinstance(value, (list, dict, bool)):
             raise TypeError
         else:
             converted = convert(str(value))
     except (TypeError, ValueError, argparse.ArgumentTypeError):
-        raise UserError(f"config key {action.dest!r} in {path}: invalid value {value!r}") from None
-    for item in converted if isinstance(converted, list) else [converted]:
+        expected = _EXPECTED.get(convert)
+        what = f"must be {expected[is_list]}" if expected else "has an invalid value"
+        raise UserError(f"config key {action.dest!r} in {path} {what}, got {value!r}") from None
+    for item in converted if is_list else [converted]:
         if action.choices is not None and item not in action.choices:
             raise UserError(f"config key {action.dest!r} in {path} must be one of {list(action.choices)}, "
                             f"got {item!r}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .cli import UserError, read_yaml_mapping
+from .cli import UserError, config_file_values, parse_args_with_config
 from .data import DATASETS, DataOptions
 from .mobilenetv2 import SupernetConfig
 
@@ -133,7 +133,6 @@ KEYS: tuple[Key, ...] = (
         "ema_val_top1@smallest in stage I, ema_val_top1 of the dynamic network in stage II)", str),
     Key("log_interval", 20, "steps between progress-bar updates of the loss"),
 )
-KEYS_BY_NAME = {k.name: k for k in KEYS}
 FLOATS, INTS = "floats", "ints"
 
 
@@ -169,59 +168,18 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def load_recipe(path: str) -> dict[str, Any]:
-    values = read_yaml_mapping(path)
-    unknown = sorted(set(values) - set(KEYS_BY_NAME))
-    if unknown:
-        raise UserError(f"unknown config key(s) {unknown} in {path}; valid keys: {', '.join(KEYS_BY_NAME)}")
-    return {name: _coerce(KEYS_BY_NAME[name], value, path) for name, value in values.items()}
-
-
-def _coerce(key: Key, value: Any, source: str) -> Any:
-    """Check a recipe value's type the way argparse checks a flag's."""
-    if value is None:
-        return None
-    kind = _key_type(key)
-    try:
-        if kind in (FLOATS, INTS):
-            items = value if isinstance(value, list) else [value]
-            return [float(v) if kind == FLOATS else int(v) for v in items]
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if kind is float:
-            return float(value)
-        if kind is int:
-            if isinstance(value, bool) or int(value) != value:
-                raise TypeError
-            return int(value)
-        value = str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"config key {key.name!r} in {source} must be {_type_name(kind)}, got {value!r}") from None
-    if key.choices and value not in key.choices:
-        raise UserError(f"config key {key.name!r} in {source} must be one of {list(key.choices)}, got {value!r}")
-    return value
-
-
-def _type_name(kind) -> str:
-    return {FLOATS: "a list of numbers", INTS: "a list of integers", bool: "true or false", float: "a number",
-            int: "an integer", str: "a string"}[kind]
+    """A recipe's values, checked as train.py's flags are."""
+    return config_file_values(build_parser("train.py", ""), path)
 
 
 def parse_config(argv: list[str] | None, prog: str = "train.py", description: str = "") -> tuple[dict, set[str]]:
     """Merge defaults, the `-c` recipe and the flags. Returns the config and the keys the user set explicitly."""
-    args = vars(build_parser(prog, description).parse_args(argv))
-    recipe_path = args.pop("config", None)
-    config = defaults()
-    explicit: set[str] = set()
-    if recipe_path:
-        recipe = load_recipe(recipe_path)
-        config.update(recipe)
-        explicit |= set(recipe)
-    config.update(args)
-    explicit |= set(args)
+    # Flags default to "not given" (argparse.SUPPRESS), so `args` holds only what the recipe or the flags set.
+    args = vars(parse_args_with_config(build_parser(prog, description), argv))
+    args.pop("config", None)
+    config = {**defaults(), **args}
     validate(config)
-    return config, explicit
+    return config, set(args)
 
 
 def validate(config: dict[str, Any]) -> None:

@@ -5,7 +5,9 @@ Modes: ``sweep`` measures every width choice (or a ``--widths`` subset); ``stati
 gate. Accuracy and loss come from the supernet's forward at the row's width (equal to the exported dense subnet to
 1e-5); latency is measured on the exported dense subnet, which is what a user deploys. In dynamic mode every figure
 is the gated network's own: each image runs at the route its gate picks (no noise), sliced, and latency is measured
-on validation images.
+on validation images. Dynamic mode also measures the uniform widths of the same supernet whose MAdds bracket the gated
+network's mean MAdds, and reports their top-1 linearly interpolated at that MAdds: the static width curve the gated
+network should lie above (``--no-static-curve`` skips them).
 
 The report (``--json``) is one object::
 
@@ -35,7 +37,11 @@ The report (``--json``) is one object::
             {"width": float, "madds": int,   # the route's width after the gate; MAdds of one image on it
              "images": int,                  # validation images the gate sent there
              "top1": float | null}, ...      # top-1 on those images (null: none went there)
-          ]
+          ],
+          "static_curve": {                # absent with --no-static-curve; the rows of these widths follow
+            "widths": [float, ...],          # the uniform widths whose MAdds bracket the mean MAdds (one: equal)
+            "top1": float | null             # their top-1 interpolated at the mean MAdds (null: outside their range)
+          }
         }, ...
       ]
     }
@@ -221,6 +227,29 @@ def dynamic_row(gated: GatedDSNet, loader: Iterable, device: torch.device, img_s
     return row
 
 
+def static_curve_neighbours(model: DSMobileNetV2, madds: float, img_size: int) -> list[WidthPlan]:
+    """The uniform widths whose MAdds bracket `madds`: the two neighbours, or one where `madds` equals a width's
+    MAdds or lies outside the widths' range."""
+    costs = [count_madds(model, plan, img_size) for plan in model.choice_plans]
+    below = [i for i, cost in enumerate(costs) if cost <= madds]
+    above = [i for i, cost in enumerate(costs) if cost >= madds]
+    picked = ({max(below, key=costs.__getitem__)} if below else set()) | \
+        ({min(above, key=costs.__getitem__)} if above else set())
+    return [model.choice_plans[i] for i in sorted(picked, key=costs.__getitem__)]
+
+
+def static_curve(madds: float, width_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Top-1 of the uniform-width curve at `madds`, linearly interpolated between the rows of its neighbours."""
+    top1 = None
+    if len(width_rows) == 2:
+        low, high = width_rows
+        share = (madds - low["madds"]) / (high["madds"] - low["madds"])
+        top1 = low["top1"] + share * (high["top1"] - low["top1"])
+    elif len(width_rows) == 1 and width_rows[0]["madds"] == madds:
+        top1 = width_rows[0]["top1"]
+    return {"widths": [row["width"] for row in width_rows], "top1": top1}
+
+
 # ---- reports ------------------------------------------------------------------------------------------------------
 
 _NONE = type(None)
@@ -290,6 +319,17 @@ def validate_report(report: Any) -> None:
                 raise ValueError(f"{where}: a row of kind 'plan' needs 'plan', a mapping of group to channels")
         if row["kind"] == "dynamic":
             _validate_routes(where, row)
+            if "static_curve" in row:
+                _validate_static_curve(f"{where}['static_curve']", row["static_curve"])
+
+
+def _validate_static_curve(where: str, curve: Any) -> None:
+    if not isinstance(curve, dict) or not isinstance(curve.get("widths"), list) or \
+            not all(isinstance(w, _REAL) for w in curve["widths"]) or not 1 <= len(curve["widths"]) <= 2:
+        raise ValueError(f"{where} must be an object with 'widths', a list of one or two numbers")
+    if "top1" not in curve:
+        raise ValueError(f"{where} lacks key 'top1'")
+    _check_type(f"{where}['top1']", curve["top1"], (*_REAL, _NONE))
 
 
 def _validate_routes(where: str, row: dict[str, Any]) -> None:
@@ -355,6 +395,16 @@ def format_table(report: dict[str, Any]) -> str:
                 top1 = f"{r['top1']:>7.2f}" if r["top1"] is not None else f"{'-':>7}"
                 lines.append(f"{r['width']:>8g} {r['images']:>7} {100 * r['images'] / total:>6.1f}% {top1} "
                              f"{r['madds'] / 1e6:>9.2f}M")
+            curve = row.get("static_curve")
+            if curve is not None:
+                widths = " and ".join(f"{w:g}" for w in curve["widths"])
+                if curve["top1"] is None:
+                    lines.append(f"static width curve: {row['madds'] / 1e6:.2f}M MAdds is outside the uniform "
+                                 f"widths' range (nearest: {widths})")
+                else:
+                    lines.append(f"static width curve at {row['madds'] / 1e6:.2f}M MAdds (uniform widths {widths}, "
+                                 f"interpolated): top-1 {curve['top1']:.2f}; the gated network "
+                                 f"{row['top1'] - curve['top1']:+.2f} points")
     about = (f"{Path(report['checkpoint']).name} ({report['weights']} weights) on {report['dataset']} "
              f"{report['split']}: {report['num_samples']} images at {report['img_size']}×{report['img_size']}")
     if latency is not None:
@@ -421,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="static: per-layer channels from a plan file (JSON or YAML); a plan whose BN statistics "
                             f"the checkpoint lacks is recalibrated first ({DEFAULT_RECALIBRATION_BATCHES} batches "
                             "unless --recalibrate-bn says)")
+    which.add_argument("--no-static-curve", action="store_true",
+                       help="dynamic: do not measure the uniform widths that bracket the gated network's mean MAdds "
+                            "(by default their rows follow, and the dynamic row holds their top-1 interpolated at "
+                            "that MAdds)")
     which.add_argument("--recalibrate-bn", type=_positive_int, metavar="N",
                        help="before measuring each width, reset its BN statistics and re-estimate them on N training "
                             "batches of --batch-size images (in memory; the checkpoint is not changed)")
@@ -463,6 +517,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--width and --plan are for --mode static, not --mode {args.mode}")
     if args.mode != "sweep" and args.widths:
         raise UserError(f"--widths is for --mode sweep, not --mode {args.mode}")
+    if args.mode != "dynamic" and args.no_static_curve:
+        raise UserError(f"--no-static-curve is for --mode dynamic, not --mode {args.mode}")
     if args.plot is None and (args.log_madds or args.reference):
         raise UserError("--log-madds and --reference change the plot; give --plot FILE too")
     for flag in ("json", "csv", "plot"):
@@ -547,8 +603,16 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, freed_me
     with tqdm(total=len(loader) * max(1, len(subnets)), desc="evaluating", unit="batch", file=sys.stderr,
               leave=False, disable=args.no_progress) as progress:
         if isinstance(network, GatedDSNet):
-            rows.append(dynamic_row(network, loader, device, opts.img_size, calibration=calibration,
-                                    latency=latency, progress=progress))
+            dynamic = dynamic_row(network, loader, device, opts.img_size, calibration=calibration, latency=latency,
+                                  progress=progress)
+            rows.append(dynamic)
+            if not args.no_static_curve:
+                neighbours = static_curve_neighbours(model, dynamic["madds"], opts.img_size)
+                progress.total += len(loader) * len(neighbours)
+                curve_rows = [subnet_row(model, plan, loader, device, opts.img_size, calibration=calibration,
+                                         latency=latency, progress=progress) for plan in neighbours]
+                dynamic["static_curve"] = static_curve(dynamic["madds"], curve_rows)
+                rows += curve_rows
         for plan, label in subnets:
             progress.set_description(f"width {label or width_label(model, plan)}")
             rows.append(subnet_row(model, plan, loader, device, opts.img_size, label=label, calibration=calibration,

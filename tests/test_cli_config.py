@@ -44,6 +44,8 @@ def test_without_a_file_the_parser_is_unchanged(tmp_path):
     ("method: l1\nepoch: 3\n", "unknown config key(s) ['epoch']"),
     ("method: magnitude\n", "must be one of ['l1', 'dcp']"),
     ("method: l1\nepochs: three\n", "config key 'epochs' in"),
+    ("method: l1\nepochs: three\n", "must be an integer, got 'three'"),
+    ("method: l1\nwidths: [0.5, [1]]\n", "must be a list of numbers"),
     ("method: l1\nepochs: 2.5\n", "config key 'epochs' in"),
     ("method: l1\nfast: 1\n", "must be true or false"),
     ("- method\n- l1\n", "must hold a mapping"),

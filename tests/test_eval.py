@@ -241,6 +241,8 @@ BAD_INPUTS = {
     "output in a missing directory": (["--checkpoint", "{ckpt}", "--json", "{out}/no-such-dir/report.json"],
                                       "does not exist"),
     "output is a directory": (["--checkpoint", "{ckpt}", "--plot", "{out}"], "is a directory"),
+    "static curve outside dynamic mode": (["--checkpoint", "{ckpt}", "--no-static-curve"],
+                                          "--no-static-curve is for --mode dynamic, not --mode sweep"),
 }
 
 
@@ -253,3 +255,19 @@ def test_bad_input_is_one_error_line_with_status_2(case, digits_checkpoint, bad_
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert "Traceback" not in err and out == ""
     assert list(tmp_path.iterdir()) == [], "nothing may be left behind"
+
+
+def test_the_static_curve_interpolates_between_the_bracketing_widths(digits_checkpoint):
+    model = supernet_from_checkpoint(load_checkpoint(digits_checkpoint))
+    costs = [dsnet.count_madds(model, plan, 16) for plan in model.choice_plans]
+    assert costs == sorted(costs)
+    midway = (costs[1] + costs[2]) / 2
+    assert [p.choice for p in evaluate.static_curve_neighbours(model, midway, 16)] == [1, 2]
+    assert [p.choice for p in evaluate.static_curve_neighbours(model, costs[2], 16)] == [2]
+    assert [p.choice for p in evaluate.static_curve_neighbours(model, costs[0] - 1, 16)] == [0]
+    assert [p.choice for p in evaluate.static_curve_neighbours(model, costs[-1] + 1, 16)] == [len(costs) - 1]
+
+    rows = [{"width": 0.5, "madds": 100, "top1": 80.0}, {"width": 0.75, "madds": 200, "top1": 90.0}]
+    assert evaluate.static_curve(125, rows) == {"widths": [0.5, 0.75], "top1": 82.5}
+    assert evaluate.static_curve(200, rows[1:]) == {"widths": [0.75], "top1": 90.0}
+    assert evaluate.static_curve(250, rows[1:]) == {"widths": [0.75], "top1": None}

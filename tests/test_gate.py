@@ -245,8 +245,19 @@ def test_gate_stage_trains_resumes_and_evaluates_dynamically(digits_checkpoint, 
     assert code == 0, err
     report = json.loads((tmp_path / "dynamic.json").read_text())
     evaluate.validate_report(report)
-    [row] = report["rows"]
+    row, *curve_rows = report["rows"]
     assert report["mode"] == "dynamic" and row["kind"] == "dynamic" and row["latency_ms_b1"] > 0
+    # The uniform widths that bracket the mean MAdds follow, and the dynamic row interpolates their top-1.
+    all_madds = [dsnet.count_madds(supernet, plan, 16) for plan in supernet.choice_plans]
+    below = [m for m in all_madds if m <= row["madds"]]
+    above = [m for m in all_madds if m >= row["madds"]]
+    assert [r["madds"] for r in curve_rows] == sorted({*below[-1:], *above[:1]})
+    assert all(r["kind"] == "width" for r in curve_rows)
+    assert row["static_curve"]["widths"] == [r["width"] for r in curve_rows]
+    if len(curve_rows) == 2:
+        low, high = curve_rows
+        share = (row["madds"] - low["madds"]) / (high["madds"] - low["madds"])
+        assert row["static_curve"]["top1"] == pytest.approx(low["top1"] * (1 - share) + high["top1"] * share)
     routes = row["routes"]
     assert [r["width"] for r in routes] == [0.35, 0.75, 1.0]
     assert sum(r["images"] for r in routes) == report["num_samples"] == 360
@@ -258,8 +269,9 @@ def test_gate_stage_trains_resumes_and_evaluates_dynamically(digits_checkpoint, 
     assert row["top1"] > 50
 
     code, _, err = run(evaluate.main, ["--mode", "dynamic", "--checkpoint", out / "last.pth", "--no-latency",
-                                       "--json", tmp_path / "again.json", *QUIET], capsys)
+                                       "--no-static-curve", "--json", tmp_path / "again.json", *QUIET], capsys)
     assert code == 0, err
     [again] = json.loads((tmp_path / "again.json").read_text())["rows"]
+    assert "static_curve" not in again
     assert (again["top1"], again["top5"], again["loss"], again["madds"], again["routes"]) == \
         (row["top1"], row["top5"], row["loss"], row["madds"], routes)  # the same checkpoint evaluates the same

@@ -146,6 +146,22 @@ def test_unknown_recipe_key_lists_the_valid_ones(tmp_path):
     assert "unknown config key(s) ['learning_rate']" in result.stderr and "lr_base" in result.stderr
 
 
+@pytest.mark.parametrize("text,message", [
+    ("epochs: three\n", "config key 'epochs' in"),
+    ("epochs: 2.5\n", "must be an integer, got 2.5"),
+    ("widths: [0.5, wide]\n", "must be a list of numbers"),
+    ("ema: 1\n", "must be true or false"),
+    ("opt: sgd\nsgs: best\n", "must be one of ['sandwich', 'graded']"),
+])
+def test_a_recipe_value_the_flag_would_refuse_is_one_line(tmp_path, text, message, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    code, _, err = run_command(train_main, ["-c", recipe, "--output", tmp_path / "out"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "bad.yaml" in lines[0], err
+
+
 def test_corrupt_resume_file_and_occupied_output_are_refused(tmp_path, capsys):
     make_trainer(tmp_path, "--epochs", "1", name="done").run()
     last = tmp_path / "done" / "last.pth"
