@@ -4,8 +4,8 @@ Trains the supernet as the recipe says, then, with the same recipe (epochs, data
 network at each of the smallest, a middle and the largest width (a supernet with that single width: plain
 cross-entropy with label smoothing). Prints the final-epoch validation top-1 of each (EMA and live weights) and the
 differences. Any train.py flag after the options below is passed to every run; `--static-flags` adds flags to the
-static runs alone. A sandwich sums several losses per step, so the CIFAR-10 recipe's learning rate is half a
-single network's, and it clips gradients; give the static networks a single network's settings:
+static runs alone. The CIFAR-10 recipe clips the sandwich's gradients (it sums several losses
+per step); give the static networks a single network's settings:
 
     python bench/supernet_vs_static.py --static-flags "--lr-base 0.4 --clip-grad 0" -c configs/cifar10.yaml \
         --data imagefolder --data-dir /tmp/cifar10-mini
