@@ -231,11 +231,10 @@ def static_curve_neighbours(model: DSMobileNetV2, madds: float, img_size: int) -
     """The uniform widths whose MAdds bracket `madds`: the two neighbours, or one where `madds` equals a width's
     MAdds or lies outside the widths' range."""
     costs = [count_madds(model, plan, img_size) for plan in model.choice_plans]
-    below = [i for i, cost in enumerate(costs) if cost <= madds]
-    above = [i for i, cost in enumerate(costs) if cost >= madds]
-    picked = ({max(below, key=costs.__getitem__)} if below else set()) | \
-        ({min(above, key=costs.__getitem__)} if above else set())
-    return [model.choice_plans[i] for i in sorted(picked, key=costs.__getitem__)]
+    cheapest_first = sorted(range(len(costs)), key=costs.__getitem__)
+    below = [i for i in cheapest_first if costs[i] <= madds][-1:]
+    above = [i for i in cheapest_first if costs[i] >= madds][:1]
+    return [model.choice_plans[i] for i in sorted({*below, *above}, key=costs.__getitem__)]
 
 
 def static_curve(madds: float, width_rows: list[dict[str, Any]]) -> dict[str, Any]:
