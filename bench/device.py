@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from dsnet.cli import UserError
+from dsnet.errors import UserError
 from dsnet.cli_inputs import resolve_device
 
 

@@ -47,15 +47,6 @@ def spread_routes(gated: GatedDSNet, pool: torch.Tensor) -> torch.Tensor:
     return gated(pool, return_info=True)[1].routes
 
 
-def gate_input(gated: GatedDSNet, x: torch.Tensor) -> torch.Tensor:
-    """The features the gate reads (the gate block's hidden features at the input width)."""
-    net, plan = gated.supernet, gated.input_plan
-    h = net.forward_blocks(net.forward_stem(x, plan, plan.choice), plan, plan.choice, 0, gated.gate_index)
-    spec = gated.gate_spec
-    hidden = plan.channels[spec.hidden_group] if spec.hidden_group is not None else 0
-    return net.block(gated.gate_index).hidden_features(h, hidden, plan.choice)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--img-size", type=int, default=224)
@@ -93,7 +84,7 @@ def main() -> None:
     worst = 0.0
     for route in (0, len(dense) - 1):
         x = pool[pool_routes == route][:1]
-        h = gate_input(gated, x)
+        h = gated.gate_features(x)
         plan = gated.route_plans[route]
         dynamic_s, dense_s, gate_s, sliced_s = median_seconds(
             [lambda: gated(x), lambda: dense[route](x), lambda: gated.gate(h), lambda: gated.supernet(x, plan)],

@@ -23,10 +23,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def width_label(width: float) -> str:
-    return str(round(float(width), 4))
-
-
 def final_row(run: Path) -> dict[str, float]:
     with open(run / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -47,7 +43,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
     from dsnet.config import parse_config
-    from dsnet.engine import resolve_val_widths
+    from dsnet.stages import resolve_val_widths, width_label
 
     config, _ = parse_config(flags)
     widths = args.static_widths or resolve_val_widths(config, tuple(config["widths"]))

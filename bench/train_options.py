@@ -25,7 +25,7 @@ from timm.utils import ModelEmaV3
 
 import dsnet
 from dsnet.cpu_memory import keep_freed_memory, return_freed_memory
-from dsnet.supernet import sandwich_step
+from dsnet.sandwich import sandwich_step
 from dsnet.timing import synchronize
 
 from device import add_device_args, describe, setup_device

@@ -29,7 +29,7 @@ from timm.utils import ModelEmaV3
 
 import dsnet
 from dsnet.cpu_memory import keep_freed_memory
-from dsnet.supernet import sandwich_step, soft_cross_entropy
+from dsnet.sandwich import sandwich_step, soft_cross_entropy
 from dsnet.timing import synchronize
 
 from device import add_device_args, describe, setup_device
@@ -52,7 +52,7 @@ class Clock:
 
 
 def step_sliced(model, ema, optimizer, images, targets, widths, clock: Clock) -> None:
-    """A: the supernet step, with the same arithmetic as `dsnet.supernet.sandwich_step`, timed by part."""
+    """A: the supernet step, with the same arithmetic as `dsnet.sandwich.sandwich_step`, timed by part."""
     largest, middle, smallest = widths[0], widths[1:-1], widths[-1]
     teacher = ema.module
 
@@ -73,7 +73,7 @@ def step_sliced(model, ema, optimizer, images, targets, widths, clock: Clock) ->
 
 
 def check_same_arithmetic(model, ema, images, targets, widths) -> None:
-    """A's timed step repeats `dsnet.supernet.sandwich_step` part by part: check once that the gradients agree."""
+    """A's timed step repeats `dsnet.sandwich.sandwich_step` part by part: check once that the gradients agree."""
     replica, teacher = copy.deepcopy(model), copy.deepcopy(ema)
     probe = create_optimizer_v2(replica, opt="sgd", lr=0.0)
     step_sliced(replica, teacher, probe, images, targets, widths, Clock())
@@ -84,7 +84,7 @@ def check_same_arithmetic(model, ema, images, targets, widths) -> None:
         tolerance = 1e-5 if a.device.type == "cpu" else 1e-4
         if (a.grad is None) != (b.grad is None) or (a.grad is not None and not torch.allclose(
                 a.grad, b.grad, atol=tolerance, rtol=tolerance)):
-            raise SystemExit(f"the timed step differs from dsnet.supernet.sandwich_step in the gradient of {name}")
+            raise SystemExit(f"the timed step differs from dsnet.sandwich.sandwich_step in the gradient of {name}")
 
 
 def step_dense(students, teachers, optimizer, ema, images, targets, clock: Clock) -> None:

@@ -4,21 +4,26 @@ A checkpoint is a dict with at least ``model_config`` (the `SupernetConfig` as a
 and optionally ``ema`` (the EMA model's state dict), ``config`` (the run's merged config) and training state.
 A stage-II checkpoint also has ``gate`` (the `GateConfig` as a dict); its state dicts are the gated network's, whose
 supernet part is under ``supernet.``.
+
+Checkpoints hold tensors, numbers, strings, lists and dicts only, and are read with ``weights_only=True``: a file
+whose pickle would build any other object (and so could run code) is refused before anything in it runs.
 """
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .cli import UserError, atomic_path
+from .errors import UserError
+from .files import atomic_path
 from .gate import GatedDSNet, GateConfig
 from .mobilenetv2 import DSMobileNetV2, SupernetConfig
 
 FORMAT = "dsnet-checkpoint"
-VERSION = 1
+VERSION = 2
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -34,12 +39,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: tensors, numbers, strings and containers only; a pickle that would run code is refused
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"checkpoint {str(path)!r} holds objects other than tensors, numbers and strings "
+                        f"({_first_line(exc)}), and loading it could run code: refused") from None
     except Exception as exc:  # torch raises many kinds for a damaged file
         raise UserError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{str(path)!r} is not a dsnet checkpoint")
     return state
+
+
+def _first_line(exc: Exception) -> str:
+    """The refused global of a weights-only load, without torch's advice to allow it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    line = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+    return line.split(" was not an allowed")[0].split(" whose module")[0].split("Unsupported global: ")[-1]
 
 
 def _weights(state: dict[str, Any], weights: str) -> dict[str, torch.Tensor]:

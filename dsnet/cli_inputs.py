@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .checkpoint import gated_network_from_checkpoint, load_checkpoint, supernet_from_checkpoint
-from .cli import UserError
+from .errors import UserError
 from .data import DATASETS, DataOptions
 from .gate import GatedDSNet
 from .mobilenetv2 import DSMobileNetV2

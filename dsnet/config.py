@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from .cli import UserError, config_file_values, parse_args_with_config
+from .cli import config_file_values, parse_args_with_config
+from .errors import UserError
 from .data import DATASETS, DataOptions
 from .mobilenetv2 import SupernetConfig
 
@@ -61,7 +62,7 @@ KEYS: tuple[Key, ...] = (
     Key("dropout", 0.0, "dropout before the classifier"),
     Key("se_ratio", 0.0, "squeeze-excitation in every block (0: none)"),
     # the sandwich
-    Key("num_random_widths", 2, "random widths between the largest and the smallest in every step"),
+    Key("num_random_widths", 1, "random widths between the largest and the smallest in every step"),
     Key("num_random_plans", 1, "random per-stage plans (each stage at its own random width choice) in every step, "
         "learning like the random widths; trains the mixed widths of gate routes and searched plans"),
     Key("ensemble_smallest", True, "smallest width learns from the mean of the teacher's outputs of the step"),
@@ -118,14 +119,12 @@ KEYS: tuple[Key, ...] = (
         float),
     Key("accum_steps", 1, "micro-batches per optimizer update"),
     Key("amp", False, "mixed precision: bf16 autocast on CPU, fp16 with a GradScaler on CUDA"),
-    Key("channels_last", True, "channels_last memory format for the model and its activations (on 2 CPU cores "
-        "stage-I steps measured 1.5-1.6x faster at 16 and 32 px; not measured on CUDA)"),
+    Key("channels_last", True, "channels_last memory format for the model and its activations"),
     Key("keep_freed_memory", True, "let glibc's malloc keep the memory a step frees for the next step instead of "
-        "returning it to the OS (no page faults per step: CPU steps measured 15-30% shorter on 2 cores; the process "
-        "keeps its peak memory)"),
+        "returning it to the OS (no page faults per step; the process keeps its peak memory)"),
     # validation and logging
     Key("val_widths", None, "widths validated each epoch (default: smallest, middle, largest)", "floats"),
-    Key("bn_recalibrate_batches", 8, "before validating, re-estimate each validated width's BN statistics on this many "
+    Key("bn_recalibrate_batches", 2, "before validating, re-estimate each validated width's BN statistics on this many "
         "training batches (every width after the last epoch); 0: use the running statistics"),
     Key("val_every", 1, "validate every k epochs (and after the last)"),
     Key("best_metric", None,

@@ -17,7 +17,7 @@ from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
-from .cli import UserError
+from .errors import UserError
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
 NEEDS_DATA_DIR = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")

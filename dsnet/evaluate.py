@@ -8,80 +8,37 @@ is the gated network's own: each image runs at the route its gate picks (no nois
 on validation images. Dynamic mode also measures the uniform widths of the same supernet whose MAdds bracket the gated
 network's mean MAdds, and reports their top-1 linearly interpolated at that MAdds: the static width curve the gated
 network should lie above (``--no-static-curve`` skips them).
-
-The report (``--json``) is one object::
-
-    {
-      "format": "dsnet-eval", "version": 1,
-      "checkpoint": str, "mode": "sweep" | "static" | "dynamic", "weights": "ema" | "model",
-      "dataset": str, "data_dir": str | null, "split": "val", "num_samples": int,
-      "img_size": int, "num_classes": int, "device": str, "threads": int,
-      "latency": null (not measured) | {"batch_size": N, "repeats": int, "warmup": int,
-                                        "freed_memory_kept": bool},  # --keep-freed-memory
-      "rows": [
-        {
-          "kind": "width" | "plan" | "dynamic",  # a width choice, a per-layer plan, or the gated network
-          "label": str,                    # "0.35", the plan file's name, or "dynamic"
-          "width": float | null,           # the multiplier; null for a per-layer plan and the gated network
-          "plan": {group: channels},       # rows of kind "plan" only
-          "top1": float, "top5": float,    # percent; top-5 is top-k with k = min(5, classes)
-          "loss": float,                   # mean cross-entropy per image
-          "params": int, "madds": int,     # dense subnet; MAdds of one image at img_size (dynamic: parameters of
-                                           # the widest route and the gate; the mean MAdds per image, rounded)
-          "latency_ms_b1": float | null,   # median milliseconds per batch of 1 ...
-          "latency_ms_bN": float | null,   # ... and per batch of latency.batch_size; null when not measured
-          "bn_recalibration_batches": int, # 0: BN statistics as stored in the checkpoint
-          # rows of kind "dynamic" only:
-          "gate_block": str, "input_width": float,  # where the gate sits; the width of the layers before it
-          "routes": [                      # one per route, narrowest first
-            {"width": float, "madds": int,   # the route's width after the gate; MAdds of one image on it
-             "images": int,                  # validation images the gate sent there
-             "top1": float | null}, ...      # top-1 on those images (null: none went there)
-          ],
-          "static_curve": {                # absent with --no-static-curve; the rows of these widths follow
-            "widths": [float, ...],          # the uniform widths whose MAdds bracket the mean MAdds (one: equal)
-            "top1": float | null             # their top-1 interpolated at the mean MAdds (null: outside their range)
-          }
-        }, ...
-      ]
-    }
-
-Rows are plain dicts: other kinds of rows may carry more keys. ``--csv`` holds the rows with the same keys as
-columns (``plan`` as compact JSON, null as an empty cell). `validate_report` checks a report against these keys.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
-import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
-from timm.utils import accuracy
 from tqdm import tqdm
 
-from .calibrate import recalibrate_bn
-from .cli import UserError, write_text_atomic
+from . import report as schema
+from .bn_slots import calibrate_routes, recalibrate_bn
+from .cli import ArgumentParser
+from .errors import UserError
+from .files import write_text_atomic
 from .cli_inputs import (add_checkpoint_args, add_device_arg, check_output_path, open_checkpoint, resolve_device,
                          training_data_options)
 from .cpu_memory import keep_freed_memory, return_freed_memory
 from .data import DATASETS, build_dataset, build_loader, calibration_batches, num_classes_of
 from .export import export_subnet
-from .gate import GatedDSNet, calibrate_routes
+from .gate import GatedDSNet
 from .madds import count_madds, count_params
+from .metrics import batch_sums, metric_sums, summarize
 from .mobilenetv2 import DSMobileNetV2
 from .plans import load_plan
-from .slim import WidthPlan
+from .report import Latency, Report, format_table, report_json, rows_csv, validate_report
+from .widths import WidthPlan
 from .timing import median_seconds
 
-REPORT_FORMAT = "dsnet-eval"
-REPORT_VERSION = 1
 DEFAULT_RECALIBRATION_BATCHES = 8
 MODES = ("sweep", "static", "dynamic")
 
@@ -95,28 +52,12 @@ class LatencyOptions:
     warmup: int = 3
 
 
-@torch.inference_mode()
 def evaluate_accuracy(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: torch.device,
                       progress: tqdm | None = None) -> dict[str, float]:
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy of `forward` over every batch of `loader`."""
-    correct1 = correct5 = 0
-    loss_sum = 0.0
-    count = 0
-    for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        logits = forward(images).float()
-        n = len(targets)
-        top1, top5 = accuracy(logits, targets, topk=(1, 5))
-        # timm gives percentages of the batch; back to counts so the totals are exact
-        correct1 += round(top1.item() * n / 100)
-        correct5 += round(top5.item() * n / 100)
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        count += n
-        if progress is not None:
-            progress.update(1)
-    if count == 0:
-        raise UserError("the evaluation dataset is empty")
-    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss_sum / count}
+    figures = summarize(metric_sums(lambda images, targets: batch_sums(forward(images), targets), loader, device,
+                                     progress=progress))
+    return {key: figures[key] for key in ("top1", "top5", "loss")}
 
 
 def measure_latency_ms(module: torch.nn.Module, input_shape: tuple[int, ...], device: torch.device,
@@ -126,7 +67,8 @@ def measure_latency_ms(module: torch.nn.Module, input_shape: tuple[int, ...], de
     return median_seconds([lambda: module(x)], repeats, warmup, device)[0] * 1e3
 
 
-def width_label(model: DSMobileNetV2, plan: WidthPlan) -> str:
+def subnet_label(model: DSMobileNetV2, plan: WidthPlan) -> str:
+    """A row's label: the width choice as a report prints it ("0.35", "1"), or "plan"."""
     return f"{model.widths[plan.choice]:g}" if plan.choice is not None else "plan"
 
 
@@ -141,7 +83,7 @@ def subnet_row(model: DSMobileNetV2, plan: WidthPlan, loader: Iterable, device: 
     recalibrated = recalibrate_bn(model, plan, calibration) if calibration else 0
     model.eval()
     row: dict[str, Any] = {"kind": "width" if plan.choice is not None else "plan",
-                           "label": label or width_label(model, plan),
+                           "label": label or subnet_label(model, plan),
                            "width": model.widths[plan.choice] if plan.choice is not None else None}
     if plan.choice is None:
         row["plan"] = plan.as_dict()
@@ -183,35 +125,26 @@ def dynamic_row(gated: GatedDSNet, loader: Iterable, device: torch.device, img_s
     num_routes = len(gated.route_plans)
     recalibrated = calibrate_routes(gated, calibration, routes=range(num_routes)) if calibration else 0
     gated.eval()
-    correct1, correct5, images_per_route = (torch.zeros(num_routes, dtype=torch.long) for _ in range(3))
-    loss_sum, madds_sum, kept = 0.0, 0, []
-    with torch.inference_mode():
-        for images, targets in loader:
-            images, targets = images.to(device), targets.to(device)
-            logits, info = gated(images, return_info=True)
-            logits = logits.float()
-            k = min(5, logits.shape[1])
-            top5 = logits.topk(k, dim=1).indices
-            hit1 = (top5[:, 0] == targets).long().cpu()
-            hit5 = (top5 == targets[:, None]).any(dim=1).long().cpu()
-            routes = info.routes.cpu()
-            correct1.index_add_(0, routes, hit1)
-            correct5.index_add_(0, routes, hit5)
-            images_per_route.index_add_(0, routes, torch.ones_like(routes))
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-            madds_sum += int(info.madds.sum())
-            if latency is not None and sum(len(x) for x in kept) < latency.batch_size + latency.repeats:
-                kept.append(images.cpu())
-            if progress is not None:
-                progress.update(1)
+    kept = []  # validation images for the latency runs
+
+    def forward(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, info = gated(images, return_info=True)
+        if latency is not None and sum(len(x) for x in kept) < latency.batch_size + latency.repeats:
+            kept.append(images.cpu())
+        per_route = batch_sums(logits, targets, groups=info.routes, num_groups=num_routes)
+        madds = torch.zeros(num_routes, 1, dtype=torch.float64).index_add_(0, info.routes.cpu(),
+                                                                            info.madds.double().cpu()[:, None])
+        return torch.cat([per_route, madds], dim=1)  # one row per route: top-1, top-5, loss, images, MAdds sums
+
+    sums = metric_sums(forward, loader, device, progress=progress)
+    correct1, images_per_route = sums[:, 0].long(), sums[:, 3].long()
     count = int(images_per_route.sum())
-    if count == 0:
-        raise UserError("the evaluation dataset is empty")
+    figures = summarize(sums.sum(0))
     route_madds = gated.route_madds(img_size)
     row: dict[str, Any] = {
         "kind": "dynamic", "label": "dynamic", "width": None,
-        "top1": 100.0 * int(correct1.sum()) / count, "top5": 100.0 * int(correct5.sum()) / count,
-        "loss": loss_sum / count, "params": gated.num_params(), "madds": round(madds_sum / count),
+        "top1": figures["top1"], "top5": figures["top5"], "loss": figures["loss"], "params": gated.num_params(),
+        "madds": round(int(sums[:, 4].sum()) / count),
         "latency_ms_b1": None, "latency_ms_bN": None, "bn_recalibration_batches": recalibrated,
         "gate_block": gated.config.block, "input_width": gated.config.input_width,
         "routes": [{"width": w, "madds": int(route_madds[r]), "images": int(images_per_route[r]),
@@ -249,172 +182,6 @@ def static_curve(madds: float, width_rows: list[dict[str, Any]]) -> dict[str, An
     return {"widths": [row["width"] for row in width_rows], "top1": top1}
 
 
-# ---- reports ------------------------------------------------------------------------------------------------------
-
-_NONE = type(None)
-_REAL = (int, float)
-REPORT_KEYS: dict[str, tuple[type, ...]] = {
-    "format": (str,), "version": (int,), "checkpoint": (str,), "mode": (str,), "weights": (str,),
-    "dataset": (str,), "data_dir": (str, _NONE), "split": (str,), "num_samples": (int,), "img_size": (int,),
-    "num_classes": (int,), "device": (str,), "threads": (int,), "latency": (dict, _NONE), "rows": (list,),
-}
-LATENCY_KEYS = ("batch_size", "repeats", "warmup")
-ROW_KEYS: dict[str, tuple[type, ...]] = {
-    "kind": (str,), "label": (str,), "width": (*_REAL, _NONE), "top1": _REAL, "top5": _REAL, "loss": _REAL,
-    "params": (int,), "madds": (int,), "latency_ms_b1": (*_REAL, _NONE), "latency_ms_bN": (*_REAL, _NONE),
-    "bn_recalibration_batches": (int,),
-}
-CSV_COLUMNS = ("kind", "label", "width", "plan", *[k for k in ROW_KEYS if k not in ("kind", "label", "width")])
-
-
-def _check_type(where: str, value: Any, types: tuple[type, ...]) -> None:
-    if isinstance(value, bool) or not isinstance(value, types):
-        names = " or ".join("null" if t is _NONE else t.__name__ for t in types)
-        raise ValueError(f"{where} must be {names}, got {value!r}")
-
-
-def validate_report(report: Any) -> None:
-    """Raise ValueError naming the first key of `report` that is missing or out of place (see the module doc)."""
-    if not isinstance(report, dict):
-        raise ValueError("a report must be a JSON object")
-    for key, types in REPORT_KEYS.items():
-        if key not in report:
-            raise ValueError(f"report lacks key {key!r}")
-        _check_type(f"report[{key!r}]", report[key], types)
-    if report["format"] != REPORT_FORMAT:
-        raise ValueError(f"report format is {report['format']!r}, not {REPORT_FORMAT!r}")
-    latency = report["latency"]
-    if latency is not None:
-        for key in LATENCY_KEYS:
-            _check_type(f"report['latency'][{key!r}]", latency.get(key), (int,))
-        if not isinstance(latency.get("freed_memory_kept"), bool):
-            raise ValueError("report['latency']['freed_memory_kept'] must be true or false")
-    if not report["rows"]:
-        raise ValueError("report has no rows")
-    for i, row in enumerate(report["rows"]):
-        where = f"rows[{i}]"
-        if not isinstance(row, dict):
-            raise ValueError(f"{where} must be an object")
-        for key, types in ROW_KEYS.items():
-            if key not in row:
-                raise ValueError(f"{where} lacks key {key!r}")
-            _check_type(f"{where}[{key!r}]", row[key], types)
-        if not 0 <= row["top1"] <= row["top5"] <= 100:
-            raise ValueError(f"{where}: need 0 <= top1 <= top5 <= 100, got {row['top1']} and {row['top5']}")
-        if not (math.isfinite(row["loss"]) and row["loss"] >= 0):
-            raise ValueError(f"{where}: loss must be a finite number >= 0, got {row['loss']}")
-        if row["params"] <= 0 or row["madds"] <= 0:
-            raise ValueError(f"{where}: params and madds must be positive")
-        for key in ("latency_ms_b1", "latency_ms_bN"):
-            if (row[key] is None) != (latency is None):
-                raise ValueError(f"{where}[{key!r}] must be a number exactly when the report has latency settings")
-            if row[key] is not None and not row[key] > 0:
-                raise ValueError(f"{where}[{key!r}] must be positive, got {row[key]}")
-        if row["kind"] == "width" and row["width"] is None:
-            raise ValueError(f"{where}: a row of kind 'width' needs a width")
-        if row["kind"] == "plan":
-            plan = row.get("plan")
-            if not isinstance(plan, dict) or not all(isinstance(k, str) and type(v) is int for k, v in plan.items()):
-                raise ValueError(f"{where}: a row of kind 'plan' needs 'plan', a mapping of group to channels")
-        if row["kind"] == "dynamic":
-            _validate_routes(where, row)
-            if "static_curve" in row:
-                _validate_static_curve(f"{where}['static_curve']", row["static_curve"])
-
-
-def _validate_static_curve(where: str, curve: Any) -> None:
-    if not isinstance(curve, dict) or not isinstance(curve.get("widths"), list) or \
-            not all(isinstance(w, _REAL) for w in curve["widths"]) or not 1 <= len(curve["widths"]) <= 2:
-        raise ValueError(f"{where} must be an object with 'widths', a list of one or two numbers")
-    if "top1" not in curve:
-        raise ValueError(f"{where} lacks key 'top1'")
-    _check_type(f"{where}['top1']", curve["top1"], (*_REAL, _NONE))
-
-
-def _validate_routes(where: str, row: dict[str, Any]) -> None:
-    routes = row.get("routes")
-    if not isinstance(routes, list) or not routes:
-        raise ValueError(f"{where}: a row of kind 'dynamic' needs 'routes', a list of objects")
-    for j, route in enumerate(routes):
-        at = f"{where}['routes'][{j}]"
-        if not isinstance(route, dict):
-            raise ValueError(f"{at} must be an object")
-        for key, types in (("width", _REAL), ("madds", (int,)), ("images", (int,)), ("top1", (*_REAL, _NONE))):
-            if key not in route:
-                raise ValueError(f"{at} lacks key {key!r}")
-            _check_type(f"{at}[{key!r}]", route[key], types)
-        if (route["top1"] is None) != (route["images"] == 0):
-            raise ValueError(f"{at}: top1 must be a number exactly when images went to the route")
-
-
-def report_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2) + "\n"
-
-
-def rows_csv(rows: list[dict[str, Any]]) -> str:
-    """The rows as CSV: the documented columns first, then any other key a row carries."""
-    columns = list(CSV_COLUMNS) + [k for row in rows for k in row if k not in CSV_COLUMNS]
-    columns = list(dict.fromkeys(columns))
-    out = io.StringIO()
-    writer = csv.DictWriter(out, columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
-    return out.getvalue()
-
-
-def _csv_cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, separators=(",", ":"))
-    return value
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The report's rows as a terminal table, with a line saying what was measured and how."""
-    latency = report["latency"]
-    header = f"{'width':>8} {'top-1':>7} {'top-5':>7} {'loss':>7} {'params':>9} {'MAdds':>10}"
-    if latency is not None:
-        header += f" {'b1 ms':>8} {'b' + str(latency['batch_size']) + ' ms':>9}"
-    lines = [header]
-    for row in report["rows"]:
-        line = (f"{row['label']:>8} {row['top1']:>7.2f} {row['top5']:>7.2f} {row['loss']:>7.4f} "
-                f"{row['params'] / 1e6:>8.3f}M {row['madds'] / 1e6:>9.2f}M")
-        if latency is not None:
-            line += f" {row['latency_ms_b1']:>8.2f} {row['latency_ms_bN']:>9.2f}"
-        lines.append(line)
-    for row in report["rows"]:
-        if row.get("routes"):
-            lines += ["", f"routes of the gate in {row['gate_block']} (layers before it at width "
-                          f"{row['input_width']:g}):",
-                      f"{'width':>8} {'images':>7} {'share':>7} {'top-1':>7} {'MAdds':>10}"]
-            total = max(1, sum(r["images"] for r in row["routes"]))
-            for r in row["routes"]:
-                top1 = f"{r['top1']:>7.2f}" if r["top1"] is not None else f"{'-':>7}"
-                lines.append(f"{r['width']:>8g} {r['images']:>7} {100 * r['images'] / total:>6.1f}% {top1} "
-                             f"{r['madds'] / 1e6:>9.2f}M")
-            curve = row.get("static_curve")
-            if curve is not None:
-                widths = " and ".join(f"{w:g}" for w in curve["widths"])
-                if curve["top1"] is None:
-                    lines.append(f"static width curve: {row['madds'] / 1e6:.2f}M MAdds is outside the uniform "
-                                 f"widths' range (nearest: {widths})")
-                else:
-                    lines.append(f"static width curve at {row['madds'] / 1e6:.2f}M MAdds (uniform widths {widths}, "
-                                 f"interpolated): top-1 {curve['top1']:.2f}; the gated network "
-                                 f"{row['top1'] - curve['top1']:+.2f} points")
-    about = (f"{Path(report['checkpoint']).name} ({report['weights']} weights) on {report['dataset']} "
-             f"{report['split']}: {report['num_samples']} images at {report['img_size']}×{report['img_size']}")
-    if latency is not None:
-        measured = ("the gated network on validation images" if report["mode"] == "dynamic"
-                    else "the dense subnet")
-        about += (f"; latency of {measured} on {report['device']}, {report['threads']} "
-                  f"thread{'s' if report['threads'] != 1 else ''}, "
-                  f"median of {latency['repeats']}")
-    return "\n".join(lines + [about])
-
-
 # ---- command line -------------------------------------------------------------------------------------------------
 
 EXAMPLES = """\
@@ -425,13 +192,6 @@ examples:
   python eval.py --mode static --checkpoint ckpt.pth --plan plan.json --recalibrate-bn 16
   python eval.py --mode dynamic --checkpoint runs/gate-digits/best.pth --json dynamic.json
 """
-
-
-class _Parser(argparse.ArgumentParser):
-    """Argument errors are user errors: one line, exit status 2 (through `run_main`)."""
-
-    def error(self, message: str):
-        raise UserError(message)
 
 
 def _positive_int(text: str) -> int:
@@ -456,7 +216,7 @@ def _int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python eval.py", description=__doc__, epilog=EXAMPLES,
+    parser = ArgumentParser(prog="python eval.py", description=f"{__doc__}\n{schema.__doc__}", epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=MODES, default="sweep",
                         help="sweep: every width choice; static: one subnet (--width or --plan); dynamic: the gated "
@@ -613,18 +373,14 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, freed_me
                 dynamic["static_curve"] = static_curve(dynamic["madds"], curve_rows)
                 rows += curve_rows
         for plan, label in subnets:
-            progress.set_description(f"width {label or width_label(model, plan)}")
+            progress.set_description(f"width {label or subnet_label(model, plan)}")
             rows.append(subnet_row(model, plan, loader, device, opts.img_size, label=label, calibration=calibration,
                                    latency=latency, progress=progress))
-    report = {
-        "format": REPORT_FORMAT, "version": REPORT_VERSION, "checkpoint": str(args.checkpoint), "mode": args.mode,
-        "weights": weights, "dataset": opts.data, "data_dir": opts.data_dir, "split": "val",
-        "num_samples": len(dataset), "img_size": opts.img_size, "num_classes": classes, "device": str(device),
-        "threads": args.threads,
-        "latency": None if latency is None else {"batch_size": latency.batch_size, "repeats": latency.repeats,
-                                                 "warmup": latency.warmup,
-                                                 "freed_memory_kept": freed_memory_kept},
-        "rows": rows,
-    }
+    report = asdict(Report(
+        checkpoint=str(args.checkpoint), mode=args.mode, weights=weights, dataset=opts.data, data_dir=opts.data_dir,
+        num_samples=len(dataset), img_size=opts.img_size, num_classes=classes, device=str(device),
+        threads=args.threads, rows=rows,
+        latency=None if latency is None else Latency(batch_size=latency.batch_size, repeats=latency.repeats,
+                                                     warmup=latency.warmup, freed_memory_kept=freed_memory_kept)))
     validate_report(report)
     return report

@@ -9,26 +9,27 @@ pickled module, then reloads the file and checks its output against the supernet
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .calibrate import recalibrate_bn
-from .cli import ArgumentParser, UserError, atomic_path, run_main
+from .bn_slots import recalibrate_bn
+from .cli import ArgumentParser, run_main
+from .errors import UserError
+from .files import atomic_path
 from .cli_inputs import (add_checkpoint_args, add_data_args, check_output_path, input_size, open_checkpoint,
                          training_data_options)
 from .data import calibration_batches
 from .madds import count_madds, count_params
-from .mobilenetv2 import DSMobileNetV2, DepthwiseSeparable, SupernetConfig
+from .mobilenetv2 import DSMobileNetV2, SupernetConfig
 from .plans import load_plan
-from .slim import WidthPlan
+from .widths import WidthPlan
 
 
 class Residual(nn.Sequential):
-    """A sequence of layers whose output is added to its input."""
+    """A dense sequence of layers whose output is added to its input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
@@ -38,57 +39,16 @@ class Residual(nn.Sequential):
 
 
 @torch.no_grad()
-def export_subnet(model: DSMobileNetV2, width: Any = None) -> nn.Sequential:
+def export_subnet(model: nn.Module, width: Any = None) -> nn.Sequential:
     """Copy the sliced weights and BN statistics of `width` into a dense `nn.Sequential`, in eval mode."""
     plan = model.resolve_width(width)
-    ch = plan.channels
     was_training = model.training
     model.eval()
     try:
         slot = model.stats_slot(plan)
     finally:
         model.train(was_training)
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    layers["conv_stem"] = model.conv_stem.export(model.config.in_chans, ch[0])
-    layers["bn1"] = model.bn1.export(ch[0], slot)
-    layers["act1"] = nn.ReLU6(inplace=True)
-    stages: list[list[nn.Module]] = [[] for _ in model.blocks]
-    for spec, block in zip(model.block_specs, model._flat_blocks):
-        cin, cout = ch[spec.in_group], ch[spec.out_group]
-        reduced = model.se_channels(spec, ch)
-        body: OrderedDict[str, nn.Module] = OrderedDict()
-        if isinstance(block, DepthwiseSeparable):
-            body["conv_dw"] = block.conv_dw.export(cin, cin)
-            body["bn1"] = block.bn1.export(cin, slot)
-            body["act1"] = nn.ReLU6(inplace=True)
-            if block.se is not None:
-                body["se"] = block.se.export(cin, reduced)
-            body["conv_pw"] = block.conv_pw.export(cin, cout)
-            body["bn2"] = block.bn2.export(cout, slot)
-        else:
-            hidden = ch[spec.hidden_group]
-            body["conv_pw"] = block.conv_pw.export(cin, hidden)
-            body["bn1"] = block.bn1.export(hidden, slot)
-            body["act1"] = nn.ReLU6(inplace=True)
-            body["conv_dw"] = block.conv_dw.export(hidden, hidden)
-            body["bn2"] = block.bn2.export(hidden, slot)
-            body["act2"] = nn.ReLU6(inplace=True)
-            if block.se is not None:
-                body["se"] = block.se.export(hidden, reduced)
-            body["conv_pwl"] = block.conv_pwl.export(hidden, cout)
-            body["bn3"] = block.bn3.export(cout, slot)
-        stage = int(spec.name.split(".")[1])
-        stages[stage].append(Residual(body) if block.has_skip else nn.Sequential(body))
-    layers["blocks"] = nn.Sequential(*(nn.Sequential(*s) for s in stages))
-    layers["conv_head"] = model.conv_head.export(ch[model.block_specs[-1].out_group], ch[-1])
-    layers["bn2"] = model.bn2.export(ch[-1], slot)
-    layers["act2"] = nn.ReLU6(inplace=True)
-    layers["global_pool"] = nn.AdaptiveAvgPool2d(1)
-    layers["flatten"] = nn.Flatten(1)
-    layers["dropout"] = nn.Dropout(model.config.dropout)
-    layers["classifier"] = model.classifier.export(ch[-1])
-    dense = nn.Sequential(layers)
-    return dense.eval()
+    return nn.Sequential(model.export_layers(plan, slot)).eval()
 
 
 # ---- command line: python -m dsnet.export -----------------------------------------------------------------------

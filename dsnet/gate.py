@@ -18,47 +18,39 @@ route's width. Explicit arguments choose one of three forwards:
   the choice of route differentiable. Masking saves nothing, so only training uses it.
 
 BN statistics: every route has its own. Routes that are width choices use the choice's statistics. The others get
-custom slots of the supernet (`calibrate_routes`). The supernet stays in eval mode inside the gated network, so
+custom slots of the supernet (`bn_slots.calibrate_routes`). The supernet stays in eval mode inside the gated network, so
 statistics never change while the gate trains.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import make_divisible
 
-from .calibrate import collecting_bn_statistics, input_batches
+from .records import Record
+from .bn_slots import RoutedNorm, SlotNorm, calibrate_routes
 from .madds import layer_costs
-from .mobilenetv2 import DSMobileNetV2, InvertedResidual, SupernetConfig
-from .slim import SlimBatchNorm2d, SlimSqueezeExcite, WidthPlan
+from .mobilenetv2 import DSMobileNetV2
+from .slim import SlimBatchNorm2d, SlimSqueezeExcite
+from .widths import WidthPlan
 
 DEFAULT_GATE_BLOCK = "blocks.3.0"
 
 
 @dataclass
-class GateConfig:
+class GateConfig(Record):
     """Where the gate sits and which widths it routes to: what a checkpoint records to rebuild the gated network."""
+
+    what = "gate config"
 
     routes: list[float]  # width multipliers, increasing, each a width choice of the supernet
     input_width: float  # width of every layer before the gate; a width choice
     block: str = DEFAULT_GATE_BLOCK  # the first block of a stage
     se_ratio: float = 0.25  # the gate's squeeze width, relative to its input channels (when the block has no SE)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "GateConfig":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown gate config key(s) {unknown}; valid keys: {sorted(valid)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class DoubleHeadedGate(nn.Module):
@@ -162,17 +154,16 @@ class GatedDSNet(nn.Module):
         self.input_plan = supernet.resolve_width(config.input_width)
         self.route_plans = route_plans(supernet, config)
         self.route_widths = tuple(float(w) for w in config.routes)
-        spec = self.gate_spec
-        hidden_group = spec.hidden_group if spec.hidden_group is not None else spec.in_group
-        channels = self.input_plan.channels[hidden_group]
         block = supernet.block(self.gate_index)
+        # The gate block's widths before the gate (input width) and after it (each route's projection width).
+        self._input_widths = block.widths(self.input_plan.channels)
+        self._route_widths = [block.widths(plan.channels) for plan in self.route_plans]
+        channels, se_channels = self._input_widths[1], self._input_widths[3]
         if block.se is not None:  # the gate takes over the block's squeeze-excitation as its attention head
-            self.gate = DoubleHeadedGate(channels, supernet.se_channels(spec, self.input_plan.channels),
-                                         len(self.route_plans), attention="sigmoid")
+            self.gate = DoubleHeadedGate(channels, se_channels, len(self.route_plans), attention="sigmoid")
         else:
             self.gate = DoubleHeadedGate(channels, make_divisible(channels * config.se_ratio),
                                          len(self.route_plans), attention="tanh")
-        self._hidden = self.input_plan.channels[spec.hidden_group] if spec.hidden_group is not None else 0
         self._route_madds: dict[int, torch.Tensor] = {}
 
     def train(self, mode: bool = True) -> "GatedDSNet":
@@ -182,22 +173,29 @@ class GatedDSNet(nn.Module):
 
     # ---- the network in two parts -------------------------------------------------------------------------------
 
+    def gate_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the gate reads: the gate block's hidden features, everything before them at the input width."""
+        net, plan = self.supernet, self.input_plan
+        norm = SlotNorm(plan.choice)
+        x = net.forward_stem(x, plan, norm)
+        x = net.forward_blocks(x, plan, norm, 0, self.gate_index)
+        return net.block(self.gate_index).hidden_features(x, self._input_widths, norm)
+
     def _pre_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything before the gate, at the input width; returns the attended features and the route logits."""
-        net, plan = self.supernet, self.input_plan
-        slot = plan.choice
-        x = net.forward_stem(x, plan, slot)
-        x = net.forward_blocks(x, plan, slot, 0, self.gate_index)
-        h = net.block(self.gate_index).hidden_features(x, self._hidden, slot)
-        return self.gate(h)
+        return self.gate(self.gate_features(x))
 
     def _post_gate(self, h: torch.Tensor, route: int) -> torch.Tensor:
         """Everything after the gate, sliced at one route's width; returns logits."""
         net, plan = self.supernet, self.route_plans[route]
-        slot = net.stats_slot(plan)
-        x = net.block(self.gate_index).project(h, plan.channels[self.gate_spec.out_group], slot)
-        x = net.forward_blocks(x, plan, slot, self.gate_index + 1)
-        return net.forward_head(net.forward_head_features(x, plan, slot))
+        norm = SlotNorm(net.stats_slot(plan))
+        return self._after_gate(h, plan, self._route_widths[route], norm)
+
+    def _after_gate(self, h: torch.Tensor, plan: WidthPlan, gate_block_widths: tuple[int, ...], norm) -> torch.Tensor:
+        net = self.supernet
+        x = net.block(self.gate_index).project(h, gate_block_widths, norm)
+        x = net.forward_blocks(x, plan, norm, self.gate_index + 1)
+        return net.forward_head(net.forward_head_features(x, plan, norm))
 
     def _post_gate_grouped(self, h: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
         """Inputs grouped by route, each group sliced at its width, outputs put back in input order."""
@@ -217,37 +215,17 @@ class GatedDSNet(nn.Module):
 
     def _post_gate_masked(self, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Everything after the gate at the widest route's width. Each input's channels are masked to its route's
-        width and normalised with its route's statistics. `weights` (batch, routes) are one-hot in value and
-        carry the gradient to the route choice."""
+        width and normalised with its route's statistics (`bn_slots.RoutedNorm`). `weights` (batch, routes) are
+        one-hot in value and carry the gradient to the route choice."""
         net = self.supernet
         slots = [net.stats_slot(plan) for plan in self.route_plans]
         channels = torch.tensor([plan.channels for plan in self.route_plans], device=h.device)  # (routes, groups)
-        widest = channels.max(0).values.tolist()
-
-        def norm(bn: SlimBatchNorm2d, x: torch.Tensor, group: int) -> torch.Tensor:
-            return routed_batch_norm(bn, x, slots, weights, channels[:, group])
-
-        spec, block = self.gate_spec, net.block(self.gate_index)
-        conv, bn = _projection(block)
-        x = norm(bn, conv(h, widest[spec.out_group]), spec.out_group)
-        for i in range(self.gate_index + 1, len(net.block_specs)):
-            spec, block = net.block_specs[i], net.block(i)
-            shortcut = x
-            if isinstance(block, InvertedResidual):
-                y = F.relu6(norm(block.bn1, block.conv_pw(x, widest[spec.hidden_group]), spec.hidden_group))
-                y = F.relu6(norm(block.bn2, block.conv_dw(y), spec.hidden_group))
-            else:
-                y = F.relu6(norm(block.bn1, block.conv_dw(x), spec.in_group))
-            if block.se is not None:
-                reduced = torch.tensor([net.se_channels(spec, plan.channels) for plan in self.route_plans],
-                                       device=h.device)
-                y = _masked_squeeze_excite(block.se, y, reduced, weights)
-            conv, bn = _projection(block)
-            y = norm(bn, conv(y, widest[spec.out_group]), spec.out_group)
-            x = y + shortcut if block.has_skip else y
-        head = len(net.group_names) - 1
-        x = F.relu6(norm(net.bn2, net.conv_head(x, widest[head]), head))
-        return net.forward_head(x)
+        ratio = net.config.se_ratio
+        reduced = torch.tensor([[make_divisible(c * ratio) if ratio else 0 for c in plan.channels]
+                                for plan in self.route_plans], device=h.device)
+        widest = net.resolve_width(dict(zip(net.group_names, channels.max(0).values.tolist())))
+        norm = RoutedNorm(slots, weights, channels, reduced)
+        return self._after_gate(h, widest, net.block(self.gate_index).widths(widest.channels), norm)
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
@@ -305,7 +283,7 @@ class GatedDSNet(nn.Module):
         net = self.supernet
         blocks = [net.block(i) for i in range(self.gate_index)]
         norms = [net.bn1] + [m for b in blocks for m in b.modules() if isinstance(m, SlimBatchNorm2d)]
-        projection = _projection(net.block(self.gate_index))[1]
+        projection = net.block(self.gate_index).projection_norm()
         return norms + [m for m in net.block(self.gate_index).modules()
                         if isinstance(m, SlimBatchNorm2d) and m is not projection]
 
@@ -314,82 +292,17 @@ class GatedDSNet(nn.Module):
         return [m for m in self.supernet.modules() if isinstance(m, SlimBatchNorm2d) and id(m) not in before]
 
 
-def _projection(block: nn.Module) -> tuple[nn.Module, SlimBatchNorm2d]:
-    """The convolution and BN that project a block's hidden features to its output width."""
-    if isinstance(block, InvertedResidual):
-        return block.conv_pwl, block.bn3
-    return block.conv_pw, block.bn2
-
-
-def routed_batch_norm(bn: SlimBatchNorm2d, x: torch.Tensor, slots: Sequence[int], weights: torch.Tensor,
-                      channels: torch.Tensor) -> torch.Tensor:
-    """Eval-mode BN with each input normalised by its route's statistics, then masked to its route's channels.
-
-    `weights` (batch, routes) picks the route of each input; `channels` (routes,) is each route's width here.
-    The mask is folded into the per-input scale and shift, so a masked channel comes out exactly zero.
-    """
-    c = x.shape[1]
-    scale = bn.weight[:c] * torch.rsqrt(bn.running_var[slots, :c] + bn.eps)  # (routes, c)
-    shift = bn.bias[:c] - bn.running_mean[slots, :c] * scale
-    keep = (torch.arange(c, device=x.device) < channels[:, None]).to(scale.dtype)
-    scale, shift = weights @ (scale * keep).to(weights.dtype), weights @ (shift * keep).to(weights.dtype)
-    return x * scale[:, :, None, None] + shift[:, :, None, None]
-
-
-def _masked_squeeze_excite(se: SlimSqueezeExcite, x: torch.Tensor, reduced: torch.Tensor,
-                           weights: torch.Tensor) -> torch.Tensor:
-    """Squeeze-excitation with each input's reduced channels masked to its route's count."""
-    width = int(reduced.max())
-    s = F.relu(se.conv_reduce(F.adaptive_avg_pool2d(x, 1), width))
-    keep = (torch.arange(width, device=x.device) < reduced[:, None]).to(weights.dtype)
-    s = s * (weights @ keep)[:, :, None, None]
-    return x * torch.sigmoid(se.conv_expand(s, x.shape[1]))
-
-
 # ---- building a gated network -------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def calibrate_routes(gated: GatedDSNet, batches: Iterable, routes: Iterable[int] | None = None,
-                     num_batches: int | None = None) -> int:
-    """Collect the BN statistics of routes, by default of every route that is not a width choice.
-
-    The layers after the gate are re-estimated through the gated network's own forward. The layers before the
-    gate run at the input width for every route, so the route's slot takes the input width's statistics for them.
-    The route's plan, run by the supernet or exported as a dense subnet, then computes exactly what the gated
-    network computes at that route. Returns the number of batches used.
-    """
-    net = gated.supernet
-    if routes is None:
-        routes = [r for r, plan in enumerate(gated.route_plans) if plan.choice is None]
-    device = next(net.parameters()).device
-    inputs = list(input_batches(batches, num_batches, device))
-    if not inputs:
-        raise ValueError("BN recalibration got no batches")
-    source = gated.input_plan.choice
-    for route in routes:
-        plan = gated.route_plans[route]
-        slot = plan.choice if plan.choice is not None else net.claim_custom_slot(plan)
-        with collecting_bn_statistics(gated, gated.post_gate_norms(), slot):
-            for x in inputs:
-                gated(x, route=route)
-        if slot != source:
-            for bn in gated.pre_gate_norms():
-                bn.running_mean[slot].copy_(bn.running_mean[source])
-                bn.running_var[slot].copy_(bn.running_var[source])
-                bn.num_batches_tracked[slot].copy_(bn.num_batches_tracked[source])
-    return len(inputs)
 
 
 def insert_gate(supernet: DSMobileNetV2, config: GateConfig, batches: Iterable | None = None,
                 num_batches: int | None = None) -> GatedDSNet:
     """A gated network around a trained supernet. The network computes what the supernet computes at each route.
 
-    The supernet is rebuilt with enough custom BN slots for the routes that are not width choices, keeping one
-    slot spare, and its weights and statistics are copied over. A block without squeeze-excitation gets an
-    attention head that starts as the identity. A block with SE hands its weights to the gate. With `batches`,
-    the statistics of the new routes are collected (`calibrate_routes`). Without them, those routes cannot be
-    evaluated yet.
+    The supernet gets, in place, enough custom BN slots for the routes that are not width choices, keeping one
+    slot spare. A block without squeeze-excitation gets an attention head that starts as the identity. A block
+    with SE hands its weights to the gate. With `batches`, the statistics of the new routes are collected
+    (`bn_slots.calibrate_routes`). Without them, those routes cannot be evaluated yet.
     """
     check_gate_config(supernet, config)
     plans = route_plans(supernet, config)
@@ -397,11 +310,7 @@ def insert_gate(supernet: DSMobileNetV2, config: GateConfig, batches: Iterable |
     new = {plan.channels for plan in plans if plan.choice is None and list(plan.channels) not in held}
     needed = len(held) + len(new) + 1
     if supernet.num_custom_slots < needed:
-        device = next(supernet.parameters()).device
-        config_values = {**supernet.config.to_dict(), "custom_bn_slots": needed}
-        wider = DSMobileNetV2(SupernetConfig.from_dict(config_values)).to(device)
-        wider.load_state_dict(supernet.state_dict(), strict=True)  # the new slots come empty
-        supernet = wider.train(supernet.training)
+        supernet.add_custom_slots(needed - supernet.num_custom_slots)
     gated = GatedDSNet(supernet, config)
     block = supernet.block(gated.gate_index)
     if block.se is not None:

@@ -8,9 +8,10 @@ from typing import Any
 
 import yaml
 
-from .cli import UserError, write_text_atomic
+from .errors import UserError
+from .files import write_text_atomic
 from .mobilenetv2 import DSMobileNetV2
-from .slim import WidthPlan
+from .widths import WidthPlan
 
 
 def read_plan_file(path: str | os.PathLike) -> dict[str, int]:

@@ -10,7 +10,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .cli import UserError, atomic_path
+from .errors import UserError
+from .files import atomic_path
 
 FIGSIZE = (6.4, 4.8)  # inches; at DPI this is 640×480 pixels
 DPI = 100

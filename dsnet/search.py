@@ -8,10 +8,9 @@ few hundred held-out images top-1 ties often, noise decides the ties, and the se
 whose narrowing saves almost nothing.
 
 AutoSlim starts from the largest width. A supernet trained at uniform widths knows its width choices best, so by
-default the search starts from the narrowest choice that is still above the budget: fewer steps, each away from a
-trained plan, and far cheaper (a handful of steps instead of hundreds). The widest width choice within the budget is
-a plan the search could return as well: when it beats the searched plan on the held-out batches, the search returns
-it (and says so).
+default the search starts from the narrowest choice that is still above the budget: the plans it visits stay close
+to a trained one. The widest width choice within the budget is a plan the search could return as well: when it beats
+the searched plan on the held-out batches, the search returns it (and says so).
 
 `python -m dsnet.search --checkpoint CKPT --target-madds 150M --out PLAN.json` writes the plan for
 `python -m dsnet.export --plan PLAN.json`.
@@ -25,19 +24,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from .calibrate import recalibrate_bn
-from .cli import ArgumentParser, UserError, run_main
+from .bn_slots import recalibrate_bn
+from .cli import ArgumentParser, run_main
+from .errors import UserError
 from .cli_inputs import (add_checkpoint_args, add_data_args, add_device_arg, check_output_path, input_size,
                          open_checkpoint, resolve_device, training_data_options)
 from .cpu_memory import keep_freed_memory
 from .data import DataOptions, build_dataset, build_loader, build_transform
 from .madds import count_madds, count_params
+from .metrics import batch_sums, metric_sums, summarize
 from .mobilenetv2 import DSMobileNetV2
 from .plans import write_plan_file
-from .slim import WidthPlan
+from .widths import WidthPlan
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 
@@ -127,24 +127,18 @@ def narrowest_plan(model: DSMobileNetV2, min_channels: int) -> WidthPlan:
     return model.resolve_width({n: min(m, min_channels) for n, m in zip(model.group_names, model.max_channels)})
 
 
-@torch.no_grad()
 def evaluate_plan(model: DSMobileNetV2, width, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
                   ) -> tuple[float, float]:
     """(top-1 in percent, mean cross-entropy) of `width` on (images, targets) batches, with its BN statistics."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct = total = 0
-    loss = 0.0
     try:
-        for images, targets in batches:
-            logits, targets = model(images.to(device), width), targets.to(device)
-            correct += (logits.argmax(1) == targets).sum().item()
-            loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-            total += len(targets)
+        sums = metric_sums(lambda images, targets: batch_sums(model(images, width), targets), batches, device)
     finally:
         model.train(was_training)
-    return 100.0 * correct / total, loss / total
+    figures = summarize(sums)
+    return figures["top1"], figures["loss"]
 
 
 def evaluate_top1(model: DSMobileNetV2, width, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -153,6 +153,13 @@ class SlimBatchNorm2d(_DropsInferenceCache, nn.Module):
         self.running_var[slot].fill_(1.0)
         self.num_batches_tracked[slot].zero_()
 
+    def add_slots(self, count: int) -> None:
+        """Append `count` empty statistics slots."""
+        self.running_mean = torch.cat([self.running_mean, self.running_mean.new_zeros(count, self.num_features)])
+        self.running_var = torch.cat([self.running_var, self.running_var.new_ones(count, self.num_features)])
+        self.num_batches_tracked = torch.cat([self.num_batches_tracked, self.num_batches_tracked.new_zeros(count)])
+        self.num_slots += count
+
     def forward(self, x: torch.Tensor, slot: int | None) -> torch.Tensor:
         """Normalise `x` (its channels are the first of this layer's) with the statistics of `slot`; in training,
         `slot=None` normalises with the batch statistics and updates no running statistics."""
@@ -243,34 +250,3 @@ class SlimSqueezeExcite(nn.Module):
         se.fc1 = self.conv_reduce.export(channels, reduced_channels)
         se.fc2 = self.conv_expand.export(reduced_channels, channels)
         return se
-
-
-class WidthPlan:
-    """Explicit channel counts for every channel group of a supernet, in the supernet's group order.
-
-    ``choice`` is the index of the width choice whose plan this is, or None for any other plan; it selects the BN
-    statistics slot. Plans are immutable and hashable; make them with ``supernet.resolve_width``.
-    """
-
-    __slots__ = ("names", "channels", "choice")
-
-    def __init__(self, names: tuple[str, ...], channels: tuple[int, ...], choice: int | None):
-        self.names = names
-        self.channels = channels
-        self.choice = choice
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(zip(self.names, self.channels))
-
-    def __getitem__(self, name: str) -> int:
-        return self.channels[self.names.index(name)]
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, WidthPlan) and self.names == other.names and self.channels == other.channels
-
-    def __hash__(self) -> int:
-        return hash(self.channels)
-
-    def __repr__(self) -> str:
-        which = f"choice {self.choice}" if self.choice is not None else "custom"
-        return f"WidthPlan({which}, {self.as_dict()})"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli import UserError, run_main
+from .cli import run_main
+from .errors import UserError
 from .madds import count_madds, count_params
 from .mobilenetv2 import create_supernet
 

@@ -19,7 +19,7 @@ examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .engine import Trainer
+    from .trainer import Trainer
 
     config, explicit = parse_config(argv, prog="train.py", description=DESCRIPTION)
     Trainer(config, explicit).run()

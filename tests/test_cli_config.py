@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from dsnet.cli import UserError, parse_args_with_config
+from dsnet.cli import parse_args_with_config
+from dsnet.errors import UserError
 
 
 def make_parser() -> argparse.ArgumentParser:

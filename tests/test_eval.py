@@ -16,6 +16,7 @@ from dsnet import evaluate
 from dsnet.checkpoint import load_checkpoint, save_checkpoint, supernet_from_checkpoint
 from dsnet.cli import run_main
 from dsnet.data import DataOptions, build_dataset, build_loader, calibration_batches
+from dsnet.report import CSV_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 # CPU and one thread: the same figures on every machine, and no thread contention on a shared one.
@@ -86,7 +87,7 @@ def test_json_report_validates_and_csv_holds_the_same_rows(sweep_dir, sweep_repo
         records = list(csv.DictReader(f))
     assert len(records) == len(sweep_report["rows"])
     for record, row in zip(records, sweep_report["rows"]):
-        assert set(record) == set(evaluate.CSV_COLUMNS)
+        assert set(record) == set(CSV_COLUMNS)
         assert record["kind"] == row["kind"] == "width" and record["label"] == row["label"]
         assert record["plan"] == "" and "plan" not in row
         for key in ("width", "top1", "top5", "loss"):

@@ -13,9 +13,9 @@ from dsnet.checkpoint import load_checkpoint, load_network, supernet_from_checkp
 from dsnet.cli import run_main
 from dsnet.config import parse_config
 from dsnet.data import DataOptions, build_dataset, build_loader, calibration_batches
-from dsnet.engine import Trainer
+from dsnet.trainer import Trainer
 from dsnet.gate import GateConfig, GatedDSNet, insert_gate
-from dsnet.gating import GateLosses, gate_step, madds_penalty, set_trainable, sgs_labels, sgs_routes
+from dsnet.gate_training import GateLosses, gate_step, madds_penalty, set_trainable, sgs_labels, sgs_routes
 
 QUIET = ["--device", "cpu", "--threads", "1", "--no-progress"]
 
@@ -169,7 +169,7 @@ def test_the_madds_loss_gradient_lowers_the_probability_of_wider_routes(mixed, d
     with torch.no_grad():
         before = gate(images, return_info=True)[1].route_logits.softmax(1).mean(0)
     optimizer = torch.optim.SGD([p for p in gate.parameters() if p.requires_grad], lr=1.0)
-    gate_step(gate, images, targets, GateLosses(task_weight=0.0, gate_weight=0.0, madds_weight=1.0))
+    gate_step(gate, images, targets, GateLosses(task_loss_weight=0.0, gate_loss_weight=0.0, madds_loss_weight=1.0))
     optimizer.step()
     with torch.no_grad():
         after = gate(images, return_info=True)[1].route_logits.softmax(1).mean(0)
@@ -190,7 +190,7 @@ def test_gate_training_on_all_largest_labels_routes_everything_to_the_largest(mi
     optimizer = torch.optim.SGD([p for p in gate.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     for _ in range(8):
         optimizer.zero_grad()
-        gate_step(gate, images, targets, GateLosses(task_weight=0.0, gate_weight=1.0, madds_weight=0.0))
+        gate_step(gate, images, targets, GateLosses(task_loss_weight=0.0, gate_loss_weight=1.0, madds_loss_weight=0.0))
         optimizer.step()
     with torch.no_grad():
         assert gate.eval()(images, return_info=True)[1].routes.tolist() == [3] * len(images)

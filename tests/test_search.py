@@ -9,7 +9,7 @@ import torch
 
 import dsnet
 from dsnet.checkpoint import load_checkpoint, load_supernet
-from dsnet.cli import UserError
+from dsnet.errors import UserError
 from dsnet.data import DataOptions
 from dsnet.search import evaluate_plan, evaluate_top1, main, parse_madds_target, search_batches, search_plan
 

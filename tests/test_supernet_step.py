@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import dsnet
-from dsnet.supernet import random_stage_plans, sandwich_step, sandwich_widths
+from dsnet.sandwich import random_stage_plans, sandwich_step, sandwich_widths
 
 
 def test_sandwich_widths_depend_only_on_seed_and_step():

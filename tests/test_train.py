@@ -12,8 +12,8 @@ import yaml
 
 from dsnet.checkpoint import load_checkpoint
 from dsnet.config import parse_config
-from dsnet.engine import Trainer, TrainingDiverged
-from dsnet.supernet import sandwich_step, sandwich_widths
+from dsnet.trainer import Trainer, TrainingDiverged
+from dsnet.sandwich import sandwich_step, sandwich_widths
 from dsnet.train import main as train_main
 
 from conftest import run_command
@@ -76,7 +76,7 @@ def test_a_single_width_trains_on_the_labels_alone(tmp_path):
     with torch.no_grad():
         expected = F.cross_entropy(copy.deepcopy(trainer.model)(images, 0), targets,
                                    label_smoothing=trainer.config["label_smoothing"]).item()
-    result = trainer.train_step(images, targets, lambda loss, is_last: loss.backward())
+    result = trainer.train_step(images, targets, lambda loss: loss.backward())
     assert list(result.scalars) == ["loss@1.0"]
     assert result.total == pytest.approx(expected, abs=1e-5)
 
@@ -178,7 +178,7 @@ def test_corrupt_resume_file_and_occupied_output_are_refused(tmp_path, capsys):
 DDP_WORKER = """
 import os, sys, torch
 from dsnet.config import parse_config
-from dsnet.engine import Trainer
+from dsnet.trainer import Trainer
 trainer = Trainer(*parse_config(sys.argv[1:]))
 trainer.run()
 torch.save(trainer.model.state_dict(), os.environ["DUMP_PREFIX"] + "-rank" + os.environ["RANK"] + ".pt")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dsnet
-from dsnet.supernet import soft_cross_entropy
+from dsnet.sandwich import soft_cross_entropy
 
 
 def test_same_width_same_output_and_no_state_left_behind(small_supernet):

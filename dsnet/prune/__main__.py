@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-from ..cli import ArgumentParser, UserError, atomic_path, parse_args_with_config, run_main, write_text_atomic
+from ..cli import ArgumentParser, parse_args_with_config, run_main
+from ..errors import UserError
+from ..files import atomic_path, write_text_atomic
 from ..cli_inputs import (add_checkpoint_args, add_data_args, add_device_arg, input_size, open_checkpoint,
                           resolve_device, training_data_options)
 from ..cpu_memory import keep_freed_memory
@@ -14,7 +16,8 @@ from ..data import build_dataset, build_loader, build_transform, calibration_bat
 from ..madds import count_madds, count_params
 from ..plans import write_plan_file
 from ..search import narrowest_plan, parse_madds_target
-from .methods import METHODS, PruneSettings
+from .base import PruneSettings
+from .methods import METHODS
 from .pipeline import prune_supernet
 
 

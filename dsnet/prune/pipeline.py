@@ -1,4 +1,4 @@
-"""One static pruning run: copy the supernet at its largest width, score, permute, cut, recalibrate, fine-tune.
+"""One static pruning run: copy the supernet at its largest width, score, cut, permute, recalibrate, fine-tune.
 
 The live supernet is never changed: the method works on a deep copy, whose coupled groups are permuted so each keeps
 its best channels first; the chosen plan is then sliced from that copy with the supernet's own kernels and exported
@@ -16,14 +16,16 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from ..calibrate import recalibrate_bn
+from ..bn_slots import recalibrate_bn
 from ..export import export_subnet
 from ..madds import count_madds, count_params
+from ..metrics import batch_sums, metric_sums, summarize
 from ..mobilenetv2 import DSMobileNetV2
-from ..slim import WidthPlan
-from .cuts import Keep
+from ..widths import WidthPlan
+from .base import Context, Outcome, PruneSettings
+from .cuts import Keep, floor_of, global_cut_for_target, uniform_cut_for_target, uniform_keep
 from .groups import ChannelGroup, derive_groups
-from .methods import Context, Outcome, PruneSettings, prune_channels
+from .methods import REGISTRY
 from .permute import descending_order, permute_groups
 
 
@@ -52,15 +54,34 @@ def channel_order(outcome: Outcome, group: ChannelGroup) -> torch.Tensor:
     return order
 
 
-@torch.no_grad()
-def top1(network: nn.Module, loader, device: torch.device, width=None) -> float:
+def prune_channels(ctx: Context) -> Outcome:
+    """Run the method's hooks and make its cut: with a MAdds target the shared cut of the method's shape, otherwise
+    its own rule; no group below its floor."""
+    s = ctx.settings
+    method = REGISTRY[s.method](ctx)
+    if method.cut == "uniform":  # the fraction is chosen before the training phase, which prunes to it
+        if s.target_madds is not None:
+            fraction, keep = uniform_cut_for_target(ctx.groups, s.min_channels, method.keep_count, ctx.madds_of,
+                                                    s.target_madds)
+        else:
+            fraction, keep = s.sparsity, uniform_keep(ctx.groups, s.sparsity, s.min_channels, method.keep_count)
+        method.plan(fraction, keep, targeted=s.target_madds is not None)
+    method.train()
+    scores = method.scores()
+    if method.cut == "global" and s.target_madds is not None:
+        keep = global_cut_for_target(ctx.groups, scores, s.min_channels, ctx.madds_of, s.target_madds)
+        rule = "global cut meeting the MAdds target"
+    else:
+        keep, rule = method.own_cut(scores)
+    keep = {g.name: max(keep[g.name], floor_of(g, s.min_channels)) for g in ctx.groups}
+    masks = None if method.masks is None else {name: m.cpu() for name, m in method.masks.items()}
+    return Outcome(scores, keep, rule, masks, method.order, method.extra)
+
+
+def top1(network: nn.Module, loader, device: torch.device, *width) -> float:
+    """Top-1 (percent) of `network` on `loader`; `width`: the supernet's plan."""
     network.eval()
-    correct = total = 0
-    for images, targets in loader:
-        logits = network(images.to(device)) if width is None else network(images.to(device), width)
-        correct += (logits.argmax(1) == targets.to(device)).sum().item()
-        total += len(targets)
-    return 100.0 * correct / max(total, 1)
+    return summarize(metric_sums(lambda x, y: batch_sums(network(x, *width), y), loader, device))["top1"]
 
 
 def finetune(network: nn.Module, loader, epochs: int, lr: float, device: torch.device,

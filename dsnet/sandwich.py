@@ -87,18 +87,19 @@ class SandwichLosses:
 
 def sandwich_step(model: nn.Module, teacher: nn.Module | None, images: torch.Tensor, targets: torch.Tensor,
                   widths: list[int], label_smoothing: float = 0.0, ensemble_smallest: bool = True,
-                  backward: Callable[[torch.Tensor, bool], None] | None = None,
+                  backward: Callable[[torch.Tensor], None] | None = None,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                   plans: list[tuple[int, ...]] = (), teacher_batch_stats: bool = False) -> SandwichLosses:
     """Forward and backward of one sandwich; the caller steps the optimizer.
 
     `widths` comes from `sandwich_widths`: largest first, smallest last; `plans` from `random_stage_plans`, trained
-    after the random widths against the same target. `backward(loss, is_last)` runs the
-    backward pass (default `loss.backward()`); the trainer uses it for loss scaling and gradient accumulation.
-    Under DistributedDataParallel each width's backward reduces the gradients accumulated so far, which keeps
-    the sum exact.
+    after the random widths against the same target. `backward(loss)` runs the backward pass (default
+    `loss.backward()`); the trainer uses it for loss scaling and gradient accumulation. Under
+    DistributedDataParallel each width's backward reduces the gradients accumulated so far, which keeps the sum
+    exact. (Skipping those reductions with DDP's `no_sync` would need the forwards inside it too, and would also
+    skip DDP's per-forward broadcast of the BN buffers.)
     """
-    backward = backward or (lambda loss, is_last: loss.backward())
+    backward = backward or (lambda loss: loss.backward())
     largest, random_widths = widths[0], widths[1:-1] if len(widths) > 2 else []
     smallest = widths[-1] if len(widths) > 1 else None
 
@@ -116,19 +117,19 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, images: torch.Ten
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
     if teacher is None:
         teacher_probs[largest] = F.softmax(logits.detach().float(), dim=-1)
-    backward(loss, smallest is None)
+    backward(loss)
     per_width.append((largest, loss.item()))
 
     for w in random_widths:
         with autocast():
             loss = soft_cross_entropy(model(images, w).float(), teacher_probs[largest])
-        backward(loss, False)
+        backward(loss)
         per_width.append((w, loss.item()))
 
     for w in plans:  # batch statistics only: a random plan has no BN slot of its own
         with autocast():
             loss = soft_cross_entropy(model(images, w, running_stats=False).float(), teacher_probs[largest])
-        backward(loss, False)
+        backward(loss)
         per_width.append((w, loss.item()))
 
     if smallest is not None:
@@ -138,7 +139,7 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, images: torch.Ten
             target = teacher_probs[largest]
         with autocast():
             loss = soft_cross_entropy(model(images, smallest).float(), target)
-        backward(loss, True)
+        backward(loss)
         per_width.append((smallest, loss.item()))
 
     return SandwichLosses(sum(v for _, v in per_width), per_width)

@@ -1,0 +1,274 @@
+"""The two training stages behind one interface, the part of training that differs between them.
+
+The trainer (`dsnet/trainer.py`) runs the same loop for both and asks its stage for the rest: build the network it
+trains (`build_model`), the work of one batch (`train_step`), validation (`validate`), the figures of an epoch's
+summed steps (`epoch_metrics`), what to do before a checkpoint is written (`before_checkpoint`) and what a checkpoint
+holds besides the shared state (`checkpoint_extras`). `SupernetStage` is stage I (`dsnet/sandwich.py`), `GateStage`
+stage II (`dsnet/gate_training.py`); `create_stage` picks one by the config's `stage`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from .bn_slots import recalibrate_bn
+from .checkpoint import gated_network_from_checkpoint, load_checkpoint, supernet_from_checkpoint
+from .errors import UserError
+from .config import data_options, model_config
+from .data import DataOptions, calibration_batches
+from .gate import GatedDSNet, GateConfig, check_gate_config, default_routes, insert_gate
+from .gate_training import GateLosses, epoch_metrics, evaluate_gated, gate_step, set_trainable
+from .madds import count_madds
+from .metrics import batch_sums, metric_sums, summarize
+from .mobilenetv2 import DSMobileNetV2, SupernetConfig
+from .sandwich import random_stage_plans, sandwich_step, sandwich_widths
+
+Autocast = Callable[[], contextlib.AbstractContextManager]
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+Models = list[tuple[nn.Module, str]]  # the live model and the EMA teacher, each with its metric prefix ("", "ema_")
+
+
+@dataclass
+class StepResult:
+    """What the loop needs from one stage-specific step."""
+
+    total: float  # the loss that was backpropagated
+    scalars: dict[str, float]  # logged to TensorBoard as train/<name>
+    sums: dict[str, float]  # summed over the epoch, turned into per-epoch figures by `epoch_metrics`
+
+
+def create_stage(config: dict[str, Any], explicit: set[str], resuming: bool) -> "SupernetStage | GateStage":
+    return {"supernet": SupernetStage, "gate": GateStage}[config["stage"]](config, explicit, resuming)
+
+
+def width_label(width: float) -> str:
+    """A width as summary columns name it: `val_top1@0.35`, `val_top1@1.0`."""
+    return str(round(float(width), 4))
+
+
+# ---- stage I: the supernet ----------------------------------------------------------------------------------------
+
+
+def resolve_val_widths(config: dict, widths: tuple[float, ...]) -> list[float]:
+    if config["val_widths"] is None:
+        return sorted({widths[0], widths[len(widths) // 2], widths[-1]})
+    missing = [w for w in config["val_widths"] if not any(abs(w - c) < 1e-6 for c in widths)]
+    if missing:
+        raise UserError(f"val_widths {missing} are not width choices {list(widths)}")
+    return sorted(config["val_widths"])
+
+
+@torch.no_grad()
+def evaluate_widths(model: DSMobileNetV2, loader: Iterable, widths: list[float], device: torch.device,
+                    autocast: Autocast | None = None, reduce: Reduce | None = None, prefix: str = ""
+                    ) -> dict[str, float]:
+    """Top-1, top-5 and loss of each width over the loader (summed across processes by `reduce`)."""
+    model.eval()
+    sums = metric_sums(lambda images, targets: torch.stack([batch_sums(model(images, w), targets) for w in widths]),
+                       loader, device, autocast=autocast, reduce=reduce)
+    metrics = {}
+    for w, row in zip(widths, sums):
+        figures, label = summarize(row), width_label(w)
+        for key in ("top1", "top5", "loss"):
+            metrics[f"{prefix}val_{key}@{label}"] = figures[key]
+    return metrics
+
+
+class SupernetStage:
+    """Stage I: a sandwich of widths per step, taught by the EMA teacher (or the live largest width)."""
+
+    default_best_metric = "ema_val_top1@smallest"
+
+    def __init__(self, config: dict[str, Any], explicit: set[str], resuming: bool):
+        self.config = config
+        self.calibration = None  # BN recalibration batches, loaded on first use
+
+    def build_model(self, num_classes: int, device: torch.device, resume_state: dict | None) -> DSMobileNetV2:
+        self.model_config = SupernetConfig.from_dict(model_config(self.config, num_classes))
+        self.model = DSMobileNetV2(self.model_config).to(device)
+        self.widths = self.model.widths
+        self.val_widths = resolve_val_widths(self.config, self.widths)
+        return self.model
+
+    def train_step(self, model: nn.Module, teacher: nn.Module | None, images: torch.Tensor, targets: torch.Tensor,
+                   step: int, backward: Callable[[torch.Tensor], None], autocast: Autocast) -> StepResult:
+        cfg = self.config
+        widths = sandwich_widths(len(self.widths), cfg["num_random_widths"], cfg["seed"], step)
+        plans = random_stage_plans(len(self.widths), len(self.model.stage_names), cfg["num_random_plans"],
+                                   cfg["seed"], step)
+        losses = sandwich_step(
+            model, teacher, images, targets, widths, label_smoothing=cfg["label_smoothing"],
+            ensemble_smallest=cfg["ensemble_smallest"], backward=backward, autocast=autocast, plans=plans,
+            teacher_batch_stats=cfg["teacher_batch_stats"])
+        logged = {f"loss@{width_label(self.widths[w])}": v for w, v in losses.per_width if not isinstance(w, tuple)}
+        plan_losses = [v for w, v in losses.per_width if isinstance(w, tuple)]
+        if plan_losses:
+            logged["loss@plans"] = sum(plan_losses) / len(plan_losses)
+        return StepResult(losses.total, logged, {})
+
+    def epoch_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def validate(self, models: Models, loader: Iterable, device: torch.device, autocast: Autocast, reduce: Reduce,
+                 last_epoch: bool) -> dict[str, float]:
+        # The last epoch refreshes every width, so the final checkpoint holds fresh statistics for all of them.
+        self.recalibrate_bn(models, self.widths if last_epoch else self.val_widths)
+        metrics = {}
+        for model, prefix in models:
+            metrics.update(evaluate_widths(model, loader, self.val_widths, device, autocast, reduce, prefix))
+        return metrics
+
+    def before_checkpoint(self, models: Models, improved: bool, last_epoch: bool) -> None:
+        if improved and not last_epoch:
+            self.recalibrate_bn(models, self.widths)  # best.pth holds fresh statistics for every width too
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {"model_config": self.model_config.to_dict(), "gate": None}
+
+    def epoch_scalars(self) -> dict[str, float]:
+        """TensorBoard-only figures of an epoch."""
+        return {f"madds/{width_label(w)}": count_madds(self.model, w) for w in self.val_widths}
+
+    def recalibrate_bn(self, models: Models, widths) -> None:
+        """Re-estimate the BN statistics of `widths` (live and EMA model) on fixed training batches.
+
+        A width sampled in few steps has running statistics from weights long gone; measuring it with them
+        understates it badly. The batches are the same every time, so resumed and distributed runs agree.
+        """
+        count = self.config["bn_recalibrate_batches"]
+        if not count:
+            return
+        if self.calibration is None:
+            self.calibration = calibration_batches(data_options(self.config), count, self.config["batch_size"],
+                                                   seed=self.config["seed"])
+        for model, _ in models:
+            for w in widths:
+                recalibrate_bn(model, w, self.calibration)
+
+
+# ---- stage II: the gate --------------------------------------------------------------------------------------------
+
+# Keys a gate run takes from the --init checkpoint's run unless given now: the supernet's and the data's.
+INHERITED_KEYS = ("widths", "small_input", "dropout", "se_ratio", "num_classes",
+                  *DataOptions.__dataclass_fields__)
+ARCHITECTURE_KEYS = ("widths", "small_input", "se_ratio", "num_classes")
+
+
+def read_init_checkpoint(path: str | None) -> dict[str, Any]:
+    """The --init checkpoint: a stage-I supernet."""
+    if not path:
+        raise UserError("--stage gate needs --init CHECKPOINT, a supernet trained with python train.py --stage "
+                        "supernet")
+    state = load_checkpoint(path)
+    if "model_config" not in state or "model" not in state:
+        raise UserError(f"--init {path!r} holds no supernet (it lacks 'model_config' or 'model')")
+    return state
+
+
+def complete_config(config: dict[str, Any], explicit: set[str], init_state: dict[str, Any]) -> dict[str, Any]:
+    """The run config completed from the --init checkpoint's run: model and data keys not given now come from it.
+    A model key that was given must agree with the checkpoint's supernet."""
+    recorded = init_state.get("config") if isinstance(init_state.get("config"), dict) else {}
+    config = {**config, **{k: recorded[k] for k in INHERITED_KEYS if k in recorded and k not in explicit}}
+    architecture = init_state["model_config"]
+    for key in ARCHITECTURE_KEYS:
+        given, actual = config.get(key), architecture.get(key)
+        if key in explicit and given is not None and not _same(given, actual):
+            raise UserError(f"--init {config['init']!r} is a supernet of another architecture: its {key} is "
+                            f"{actual}, this run's is {given}")
+        if key != "num_classes" and actual is not None:
+            config[key] = actual
+    return config
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) < 1e-6
+    return a == b
+
+
+def gate_config_from_run(config: dict[str, Any], supernet: DSMobileNetV2) -> GateConfig:
+    """The gate the run config asks for, checked against the supernet (UserError saying what does not fit)."""
+    widths = supernet.widths
+
+    def as_choice(w: float) -> float:  # the supernet's own spelling of a width choice
+        index = supernet.choice_index(float(w))
+        return widths[index] if index is not None else float(w)
+
+    routes = config["gate_routes"] or default_routes(widths, config["gate_num_routes"])
+    input_width = config["gate_input_width"] if config["gate_input_width"] is not None else widths[-1]
+    gate = GateConfig(routes=sorted({as_choice(w) for w in routes}), input_width=as_choice(input_width),
+                      block=config["gate_block"], se_ratio=config["gate_se_ratio"])
+    try:
+        check_gate_config(supernet, gate)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return gate
+
+
+def build_gated_network(config: dict[str, Any], init_state: dict[str, Any], num_classes: int,
+                        device: torch.device) -> GatedDSNet:
+    """The --init supernet with the configured gate inserted, its new routes' BN statistics collected."""
+    supernet = supernet_from_checkpoint(init_state, config["init_weights"])
+    if supernet.config.num_classes != num_classes:
+        raise UserError(f"--init {config['init']!r} has {supernet.config.num_classes} classes but dataset "
+                        f"{config['data']!r} has {num_classes}")
+    gate = gate_config_from_run(config, supernet)
+    batches = calibration_batches(data_options(config), config["gate_calibration_batches"],
+                                  batch_size=config["batch_size"], seed=config["seed"])
+    return insert_gate(supernet.to(device), gate, batches)
+
+
+class GateStage:
+    """Stage II: the gate of a stage-I supernet, trained with SGS and the MAdds loss."""
+
+    default_best_metric = "ema_val_top1"
+
+    def __init__(self, config: dict[str, Any], explicit: set[str], resuming: bool):
+        self.val_widths: list[float] = []  # the dynamic network has no widths of its own to validate
+        self.init_state = None
+        if not resuming:  # a resumed run keeps the config and the network its checkpoint records
+            self.init_state = read_init_checkpoint(config.get("init"))
+            config = complete_config(config, explicit, self.init_state)
+        self.config = config
+        self.losses = GateLosses.from_config(config)
+
+    def build_model(self, num_classes: int, device: torch.device, resume_state: dict | None) -> GatedDSNet:
+        if resume_state is not None:
+            self.model = gated_network_from_checkpoint(resume_state, "model").to(device).train()
+        else:
+            self.model = build_gated_network(self.config, self.init_state, num_classes, device)
+            self.init_state = None
+        set_trainable(self.model, self.config["finetune_supernet"])
+        return self.model
+
+    def train_step(self, model: nn.Module, teacher: nn.Module | None, images: torch.Tensor, targets: torch.Tensor,
+                   step: int, backward: Callable[[torch.Tensor], None], autocast: Autocast) -> StepResult:
+        result = gate_step(model, images, targets, self.losses, backward=backward, autocast=autocast)
+        return StepResult(result.total, {"task_loss": result.task, "gate_loss": result.gate,
+                                         "madds_loss": result.madds}, result.sums)
+
+    def epoch_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return epoch_metrics(self.model, sums)
+
+    def validate(self, models: Models, loader: Iterable, device: torch.device, autocast: Autocast, reduce: Reduce,
+                 last_epoch: bool) -> dict[str, float]:
+        metrics = {}
+        for model, prefix in models:
+            metrics.update(evaluate_gated(model, loader, device, self.config["sgs"], autocast, reduce, prefix))
+        return metrics
+
+    def before_checkpoint(self, models: Models, improved: bool, last_epoch: bool) -> None:
+        pass  # the supernet's BN statistics stay frozen in stage II
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {"model_config": self.model.supernet.config.to_dict(), "gate": self.model.config.to_dict()}
+
+    def epoch_scalars(self) -> dict[str, float]:
+        return {}
