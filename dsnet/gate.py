@@ -164,7 +164,19 @@ class GatedDSNet(nn.Module):
         else:
             self.gate = DoubleHeadedGate(channels, make_divisible(channels * config.se_ratio),
                                          len(self.route_plans), attention="tanh")
+        self._masking = self._masking_tables()
         self._route_madds: dict[int, torch.Tensor] = {}
+
+    def _masking_tables(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(routes, groups) tables of each route's channels and squeeze-excitation width per group, for the masked
+        training forward (routes are increasing width choices: the widest route is every layer's widest width)."""
+        net = self.supernet
+        channels = [list(plan.channels) for plan in self.route_plans]
+        reduced = [[0] * len(net.group_names) for _ in self.route_plans]
+        for r, plan in enumerate(self.route_plans):
+            for block in net.flat_blocks:
+                reduced[r][block.hidden_group] = block.widths(plan.channels)[3]
+        return channels, reduced
 
     def train(self, mode: bool = True) -> "GatedDSNet":
         super().train(mode)
@@ -217,15 +229,11 @@ class GatedDSNet(nn.Module):
         """Everything after the gate at the widest route's width. Each input's channels are masked to its route's
         width and normalised with its route's statistics (`bn_slots.RoutedNorm`). `weights` (batch, routes) are
         one-hot in value and carry the gradient to the route choice."""
-        net = self.supernet
+        net, widest = self.supernet, self.route_plans[-1]
         slots = [net.stats_slot(plan) for plan in self.route_plans]
-        channels = torch.tensor([plan.channels for plan in self.route_plans], device=h.device)  # (routes, groups)
-        ratio = net.config.se_ratio
-        reduced = torch.tensor([[make_divisible(c * ratio) if ratio else 0 for c in plan.channels]
-                                for plan in self.route_plans], device=h.device)
-        widest = net.resolve_width(dict(zip(net.group_names, channels.max(0).values.tolist())))
+        channels, reduced = (torch.tensor(t, device=h.device) for t in self._masking)
         norm = RoutedNorm(slots, weights, channels, reduced)
-        return self._after_gate(h, widest, net.block(self.gate_index).widths(widest.channels), norm)
+        return self._after_gate(h, widest, self._route_widths[-1], norm)
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
