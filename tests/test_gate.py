@@ -17,6 +17,8 @@ from dsnet.trainer import Trainer
 from dsnet.gate import GateConfig, GatedDSNet, insert_gate
 from dsnet.gate_training import GateLosses, gate_step, madds_penalty, set_trainable, sgs_labels, sgs_routes
 
+from conftest import DIGITS_SIZE
+
 QUIET = ["--device", "cpu", "--threads", "1", "--no-progress"]
 
 
@@ -149,13 +151,13 @@ def test_madds_of_a_routed_input_are_count_madds_of_its_route_plus_the_gate(mixe
     channels, reduced = gate.conv_reduce.in_channels, gate.conv_reduce.out_channels
     gate_madds = 2 * channels * reduced + reduced * len(mixed.route_plans)
     for route, madds in zip(info.routes.tolist(), info.madds.tolist()):
-        assert madds == dsnet.count_madds(mixed.supernet, mixed.route_plans[route], img_size=16) + gate_madds
-    route_madds = mixed.route_madds(16).tolist()
+        assert madds == dsnet.count_madds(mixed.supernet, mixed.route_plans[route], img_size=DIGITS_SIZE) + gate_madds
+    route_madds = mixed.route_madds(DIGITS_SIZE).tolist()
     assert route_madds == sorted(route_madds) and len(set(route_madds)) == 4
 
 
 def test_the_madds_loss_gradient_lowers_the_probability_of_wider_routes(mixed, data):
-    route_madds = mixed.route_madds(16).double()
+    route_madds = mixed.route_madds(DIGITS_SIZE).double()
     logits = torch.zeros(8, 4, dtype=torch.float64, requires_grad=True)
     expected = (logits.softmax(1) @ route_madds).mean()
     madds_penalty(expected, "square", float(route_madds[-1])).backward()
@@ -248,7 +250,7 @@ def test_gate_stage_trains_resumes_and_evaluates_dynamically(digits_checkpoint, 
     row, *curve_rows = report["rows"]
     assert report["mode"] == "dynamic" and row["kind"] == "dynamic" and row["latency_ms_b1"] > 0
     # The uniform widths that bracket the mean MAdds follow, and the dynamic row interpolates their top-1.
-    all_madds = [dsnet.count_madds(supernet, plan, 16) for plan in supernet.choice_plans]
+    all_madds = [dsnet.count_madds(supernet, plan, DIGITS_SIZE) for plan in supernet.choice_plans]
     below = [m for m in all_madds if m <= row["madds"]]
     above = [m for m in all_madds if m >= row["madds"]]
     assert [r["madds"] for r in curve_rows] == sorted({*below[-1:], *above[:1]})
@@ -261,7 +263,7 @@ def test_gate_stage_trains_resumes_and_evaluates_dynamically(digits_checkpoint, 
     routes = row["routes"]
     assert [r["width"] for r in routes] == [0.35, 0.75, 1.0]
     assert sum(r["images"] for r in routes) == report["num_samples"] == 360
-    route_madds = network.route_madds(16).tolist()
+    route_madds = network.route_madds(DIGITS_SIZE).tolist()
     assert [r["madds"] for r in routes] == route_madds
     assert row["madds"] == round(sum(r["images"] * m for r, m in zip(routes, route_madds)) / 360)
     correct = sum(r["top1"] * r["images"] / 100 for r in routes if r["images"])

@@ -15,7 +15,7 @@ from dsnet.cli import parse_args_with_config
 from dsnet.prune.__main__ import build_parser, main as prune_main
 from dsnet.prune.methods import METHODS
 
-from conftest import DIGITS_DATA, fvcore_conv_linear_madds, run_command
+from conftest import DIGITS_DATA, DIGITS_SIZE, fvcore_conv_linear_madds, run_command
 
 pytest.importorskip("fvcore.nn")
 
@@ -25,15 +25,16 @@ QUICK = ["--epochs", "1", "--finetune-epochs", "0", "--recalibrate-batches", "2"
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_meets_half_the_madds(method, digits_checkpoint, tmp_path):
     out = tmp_path / method
-    # Taylor scores the network at every tick of its tick-tock schedule: smaller batches keep the test short.
-    extra = ["--batch-size", "32"] if method == "taylor" else []
+    # Taylor scores the network at every tick of its tick-tock schedule and DCP solves a problem per layer on the
+    # score batches: smaller batches keep the test short.
+    extra = {"taylor": ["--batch-size", "32", "--score-batches", "1"], "dcp": ["--batch-size", "32"]}.get(method, [])
     assert prune_main(["--checkpoint", str(digits_checkpoint), "--method", method, "--target-madds", "0.5",
                        "--out", str(out), *QUICK, *extra]) == 0
     report = json.loads((out / "report.json").read_text())
     plan = json.loads((out / "plan.json").read_text())["plan"]
     scores = json.loads((out / "scores.json").read_text())
     model = supernet_from_checkpoint(load_checkpoint(digits_checkpoint), "model")
-    largest = dsnet.count_madds(model, model.largest, 16)
+    largest = dsnet.count_madds(model, model.largest, DIGITS_SIZE)
     assert report["largest"]["madds"] == largest
     assert report["target_madds"] == round(0.5 * largest)
     assert report["pruned"]["madds"] <= report["target_madds"]
@@ -43,7 +44,7 @@ def test_every_method_meets_half_the_madds(method, digits_checkpoint, tmp_path):
     assert all(sorted(s["order"]) == list(range(m)) for s, m in zip(scores.values(), model.max_channels))
 
     network = torch.load(out / "model.pt", weights_only=False).eval()
-    assert fvcore_conv_linear_madds(network, 16) == report["pruned"]["madds"]  # counted externally
+    assert fvcore_conv_linear_madds(network, DIGITS_SIZE) == report["pruned"]["madds"]  # counted externally
     assert sum(p.numel() for p in network.parameters()) == report["pruned"]["params"]
     loader = build_loader(build_dataset(DataOptions(**DIGITS_DATA), train=False), 256, train=False)
     correct = total = 0
@@ -52,9 +53,10 @@ def test_every_method_meets_half_the_madds(method, digits_checkpoint, tmp_path):
             correct += (network(images).argmax(1) == targets).sum().item()
             total += len(targets)
     assert 100.0 * correct / total == pytest.approx(report["pruned"]["top1_recalibrated"], abs=1e-9)
-    if method in ("l1", "dcp"):
-        # Weight magnitudes and reconstruction rank channels well even in this briefly trained supernet; the BN
-        # scales that the other methods read have hardly moved from 1 in it, so their cuts are near random here.
+    if method == "l1":
+        # Weight magnitudes rank channels well even in this briefly trained supernet. The BN scales that most other
+        # methods read have hardly moved from 1 in it, and DCP's per-layer problems see one pixel per image in the
+        # last stages at 8 px, so their cuts are near random here.
         assert report["pruned"]["top1_recalibrated"] > 40.0  # chance is 10%
 
 

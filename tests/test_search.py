@@ -13,6 +13,8 @@ from dsnet.errors import UserError
 from dsnet.data import DataOptions
 from dsnet.search import evaluate_plan, evaluate_top1, main, parse_madds_target, search_batches, search_plan
 
+from conftest import DIGITS_SIZE
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -52,9 +54,9 @@ def test_search_meets_the_target_and_keeps_the_best_candidate(digits_checkpoint,
     result = json.loads(out.read_text())
     model = load_supernet(digits_checkpoint)
     plan = model.resolve_width(result["plan"])
-    largest = dsnet.count_madds(model, None, 16)
+    largest = dsnet.count_madds(model, None, DIGITS_SIZE)
     assert result["target_madds"] == round(TARGET * largest)
-    assert result["madds"] == dsnet.count_madds(model, plan, 16) <= result["target_madds"]
+    assert result["madds"] == dsnet.count_madds(model, plan, DIGITS_SIZE) <= result["target_madds"]
     assert result["params"] == dsnet.count_params(model, plan)
 
     trajectory = result["trajectory"]
@@ -71,7 +73,7 @@ def test_search_meets_the_target_and_keeps_the_best_candidate(digits_checkpoint,
     options = DataOptions.from_config(load_checkpoint(digits_checkpoint)["config"])
     calibration, held_out = search_batches(options, CALIBRATION_BATCHES, EVAL_BATCHES, BATCH_SIZE)
     for i, uniform in enumerate(result["uniform"]):
-        assert uniform["width"] == model.widths[i] and uniform["madds"] == dsnet.count_madds(model, i, 16)
+        assert uniform["width"] == model.widths[i] and uniform["madds"] == dsnet.count_madds(model, i, DIGITS_SIZE)
         assert (uniform["top1"], uniform["loss"]) == pytest.approx(evaluate_plan(model, i, held_out), abs=1e-9)
     end = model.resolve_width({**model.largest.as_dict(), **{s["narrowed"]: s["channels"] for s in trajectory[1:]}})
     dsnet.recalibrate_bn(model, end, calibration)
@@ -97,7 +99,7 @@ def test_search_meets_the_target_and_keeps_the_best_candidate(digits_checkpoint,
         while saved < needed and channels > 8:
             channels = max(channels - STEP, 8)
             candidate = model.resolve_width({**model.largest.as_dict(), name: channels})
-            saved = largest - dsnet.count_madds(model, candidate, 16)
+            saved = largest - dsnet.count_madds(model, candidate, DIGITS_SIZE)
         if candidate is None:
             continue
         dsnet.recalibrate_bn(model, candidate, calibration)
@@ -111,11 +113,11 @@ def test_stage_granularity_moves_whole_stages_between_width_choices(digits_check
     model = load_supernet(digits_checkpoint)
     options = DataOptions.from_config(load_checkpoint(digits_checkpoint)["config"])
     calibration, held_out = search_batches(options, CALIBRATION_BATCHES, EVAL_BATCHES, BATCH_SIZE)
-    largest = dsnet.count_madds(model, None, 16)
+    largest = dsnet.count_madds(model, None, DIGITS_SIZE)
     target = round(0.6 * largest)  # between the 0.5 (7.0M) and 0.75 (14.8M) widths: the search starts at 0.75
-    result = search_plan(model, target, calibration, held_out, img_size=16, steps=2, granularity="stage")
+    result = search_plan(model, target, calibration, held_out, img_size=DIGITS_SIZE, steps=2, granularity="stage")
     madds = [step.madds for step in result.trajectory]
-    assert madds[0] == dsnet.count_madds(model, 2, 16) and madds[-1] <= target
+    assert madds[0] == dsnet.count_madds(model, 2, DIGITS_SIZE) and madds[-1] <= target
     assert all(a > b for a, b in zip(madds, madds[1:])), madds
     # Every step moves one stage to a narrower width choice: the end is a per-stage plan of choices.
     stages = [2] * len(model.stage_names)
@@ -136,7 +138,7 @@ def test_stage_granularity_moves_whole_stages_between_width_choices(digits_check
         while saved < needed and index > 0:
             index -= 1
             candidate = model.resolve_width(tuple([2] * s + [index] + [2] * (len(model.stage_names) - s - 1)))
-            saved = madds[0] - dsnet.count_madds(model, candidate, 16)
+            saved = madds[0] - dsnet.count_madds(model, candidate, DIGITS_SIZE)
         if saved <= 0:
             continue
         dsnet.recalibrate_bn(model, candidate, calibration)
@@ -151,7 +153,7 @@ def test_a_target_the_largest_width_meets_takes_no_step(digits_checkpoint):
     model = load_supernet(digits_checkpoint)
     options = DataOptions.from_config(load_checkpoint(digits_checkpoint)["config"])
     calibration, held_out = search_batches(options, 1, 1, 32)
-    result = search_plan(model, dsnet.count_madds(model, None, 16), calibration, held_out, img_size=16)
+    result = search_plan(model, dsnet.count_madds(model, None, DIGITS_SIZE), calibration, held_out, img_size=DIGITS_SIZE)
     assert result.plan == result.searched == model.largest and len(result.trajectory) == 1
     assert result.top1 == evaluate_top1(model, None, held_out)
 
@@ -171,8 +173,9 @@ def test_command_line_rejects_an_unreachable_target(digits_checkpoint, tmp_path)
     result = subprocess.run([sys.executable, "-m", "dsnet.search", "--checkpoint", str(digits_checkpoint),
                              "--target-madds", "30M", "--out", str(tmp_path / "plan.json")],
                             capture_output=True, text=True, env=env, timeout=120)
+    largest = dsnet.count_madds(load_supernet(digits_checkpoint), None, DIGITS_SIZE)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: MAdds target 30.00M is above the largest width's 22.00M")
+    assert result.stderr.startswith(f"error: MAdds target 30.00M is above the largest width's {largest / 1e6:.2f}M")
     assert result.stderr.count("\n") == 1
     assert os.listdir(tmp_path) == []
 
@@ -185,10 +188,10 @@ def test_search_keeps_at_least_the_accuracy_of_the_uniform_width_below(digits_ch
     model = load_supernet(digits_checkpoint)
     options = DataOptions.from_config(load_checkpoint(digits_checkpoint)["config"])
     calibration, held_out = search_batches(options, 2, 4, 32)
-    madds = [dsnet.count_madds(model, i, 16) for i in range(len(model.widths))]
+    madds = [dsnet.count_madds(model, i, DIGITS_SIZE) for i in range(len(model.widths))]
     below = model.widths.index(0.5)
     target = madds[below] + (madds[below + 1] - madds[below]) // 2  # halfway from 0.5 to 0.75
-    result = search_plan(model, target, calibration, held_out, steps=2, img_size=16)
+    result = search_plan(model, target, calibration, held_out, steps=2, img_size=DIGITS_SIZE)
     assert result.madds <= target and result.trajectory[0].madds == madds[below + 1]
     assert len(result.trajectory) <= 3 and result.trajectory[-1].madds <= target
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 import dsnet
 from dsnet.summary import main
 
@@ -11,12 +13,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_json_rows_match_the_counters(capsys):
-    assert main(["--json", "-c", str(REPO / "configs" / "digits.yaml")]) == 0
+    recipe = REPO / "configs" / "digits.yaml"
+    assert main(["--json", "-c", str(recipe)]) == 0
     rows = json.loads(capsys.readouterr().out)
     model = dsnet.create_supernet(widths=[r["width"] for r in rows], num_classes=10, small_input=True)
     assert len(rows) == 14
+    img_size = yaml.safe_load(recipe.read_text())["img_size"]
     for row in rows:
-        assert row["madds"] == dsnet.count_madds(model, row["width"], 16)
+        assert row["madds"] == dsnet.count_madds(model, row["width"], img_size)
         assert row["params"] == dsnet.count_params(model, row["width"])
         assert row["stem"] == model.resolve_width(row["width"])["stem"]
 

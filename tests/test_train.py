@@ -19,9 +19,11 @@ from dsnet.train import main as train_main
 from conftest import run_command
 
 REPO = Path(__file__).resolve().parent.parent
-# Small and fast: 8 px digits, four widths, big batches, BN recalibration before validation on 2 batches (not 8).
+# Small and fast: 8 px digits, four widths, big batches, BN recalibration before validation on 2 batches (not 8),
+# no per-stage plans (tests/test_supernet_step.py covers them).
 TINY = ["--img-size", "8", "--widths", "0.35", "0.5", "0.75", "1.0", "--batch-size", "256", "--val-batch-size",
-        "512", "--warmup-epochs", "0", "--log-interval", "1000", "--ema", "--bn-recalibrate-batches", "2"]
+        "512", "--warmup-epochs", "0", "--log-interval", "1000", "--ema", "--bn-recalibrate-batches", "2",
+        "--num-random-plans", "0"]
 
 
 def make_trainer(tmp_path, *flags, name="run"):
@@ -82,29 +84,31 @@ def test_a_single_width_trains_on_the_labels_alone(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    # One random width per step (not two) to keep the test short; the sampled widths still depend on the step.
-    straight = make_trainer(tmp_path, "--epochs", "3", "--num-random-widths", "1", name="straight")
+    # One random width per step (not two) and two validated widths to keep the test short; the sampled widths still
+    # depend on the step.
+    short = ["--epochs", "2", "--num-random-widths", "1", "--val-widths", "0.35", "1.0"]
+    straight = make_trainer(tmp_path, *short, name="straight")
     straight.run()
-    first = make_trainer(tmp_path, "--epochs", "3", "--epoch-limit", "2", "--num-random-widths", "1", name="split")
+    first = make_trainer(tmp_path, *short, "--epoch-limit", "1", name="split")
     first.run()
-    assert load_checkpoint(tmp_path / "split" / "last.pth")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "split" / "last.pth")["epoch"] == 0
     config, explicit = parse_config(["--resume", str(tmp_path / "split" / "last.pth")])
     resumed = Trainer(config, explicit)
-    assert resumed.start_epoch == 2
+    assert resumed.start_epoch == 1
     resumed.run()
     a = load_checkpoint(tmp_path / "straight" / "last.pth")
     b = load_checkpoint(tmp_path / "split" / "last.pth")
-    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"]
     for part in ("model", "ema"):
         for key in a[part]:
             assert torch.allclose(a[part][key].double(), b[part][key].double(), atol=1e-6), (part, key)
     summary = (tmp_path / "split" / "summary.csv").read_text().splitlines()
-    assert len(summary) == 4 and "ema_val_top1@0.35" in summary[0] and "val_top1@1.0" in summary[0]
-    assert yaml.safe_load((tmp_path / "split" / "args.yaml").read_text())["epochs"] == 3
+    assert len(summary) == 3 and "ema_val_top1@0.35" in summary[0] and "val_top1@1.0" in summary[0]
+    assert yaml.safe_load((tmp_path / "split" / "args.yaml").read_text())["epochs"] == 2
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypatch):
-    trainer = make_trainer(tmp_path, "--epochs", "3", name="nan")
+    trainer = make_trainer(tmp_path, "--epochs", "2", name="nan")
     original = Trainer.train_one_epoch
 
     def poisoned(self, epoch):
@@ -222,7 +226,7 @@ def test_speed_options_train_a_supernet_that_equals_its_export(tmp_path):
     from dsnet.checkpoint import supernet_from_checkpoint
 
     trainer = make_trainer(tmp_path, "--epochs", "1", "--channels-last", "--amp", "--keep-freed-memory",
-                           name="fast")
+                           "--widths", "0.5", "1.0", name="fast")
     assert trainer.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     trainer.run()
     state = load_checkpoint(tmp_path / "fast" / "last.pth")
