@@ -18,6 +18,39 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+class Number:
+    """An argparse type: an integer or a number within a range, checked where the option is parsed, from the command
+    line or from a `-c` file alike. `low`/`high` are inclusive unless `open_low`/`open_high`."""
+
+    def __init__(self, kind: type, low: float | None = None, high: float | None = None, open_low: bool = False,
+                 open_high: bool = False):
+        self.kind, self.low, self.high, self.open_low, self.open_high = kind, low, high, open_low, open_high
+        self.__name__ = "an integer" if kind is int else "a number"  # what argparse names in its own messages
+
+    def range_text(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '≥'} {self.low:g}"
+        return f"{'<' if self.open_high else '≤'} {self.high:g}"
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {self.__name__}, got {text}") from None
+        if value != value or (self.low is not None and (value <= self.low if self.open_low else value < self.low)) \
+                or (self.high is not None and (value >= self.high if self.open_high else value > self.high)):
+            raise argparse.ArgumentTypeError(f"must be {self.range_text()}, got {text}")
+        return value
+
+
+POSITIVE_INT = Number(int, low=1)
+NON_NEGATIVE_INT = Number(int, low=0)
+NON_NEGATIVE = Number(float, low=0)
+POSITIVE = Number(float, low=0, open_low=True)
+
+
 def read_yaml_mapping(path: str) -> dict[str, Any]:
     """A YAML file of `key: value` settings, keys with dashes or underscores (returned with underscores)."""
     file = Path(path)
@@ -80,8 +113,10 @@ def _option_value(action: argparse.Action, value: Any, path: str) -> Any:
             raise TypeError
         else:
             converted = convert(str(value))
-    except (TypeError, ValueError, argparse.ArgumentTypeError):
-        expected = _EXPECTED.get(convert)
+    except argparse.ArgumentTypeError as exc:  # a Number's own message: what it must be
+        raise UserError(f"config key {action.dest!r} in {path} {exc}") from None
+    except (TypeError, ValueError):
+        expected = _EXPECTED.get(getattr(convert, "kind", convert))
         what = f"must be {expected[is_list]}" if expected else "has an invalid value"
         raise UserError(f"config key {action.dest!r} in {path} {what}, got {value!r}") from None
     for item in converted if is_list else [converted]:

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from .cli import config_file_values, parse_args_with_config
+from .cli import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Number, config_file_values,
+                  parse_args_with_config)
 from .errors import UserError
 from .data import DATASETS, DataOptions
 from .mobilenetv2 import SupernetConfig
@@ -25,9 +26,11 @@ class Key:
     name: str
     default: Any
     help: str
-    type: Any = None  # str, int, float, bool, "floats", "ints"; None: from the default
+    type: Any = None  # str, int, float, bool, "floats", "ints", a cli.Number (a range); None: from the default
     choices: tuple | None = None
 
+
+PROBABILITY = Number(float, 0, 1)
 
 KEYS: tuple[Key, ...] = (
     # what to train
@@ -38,40 +41,43 @@ KEYS: tuple[Key, ...] = (
     Key("overwrite", False, "allow writing into an output directory that holds another run"),
     Key("init", None, "stage II: the stage-I checkpoint to start from; its model and data keys are the defaults",
         str),
-    Key("seed", 0, "seed of weights, data order, augmentation and sampled widths"),
+    Key("seed", 0, "seed of weights, data order, augmentation and sampled widths", NON_NEGATIVE_INT),
     Key("device", None, "cpu, cuda, cuda:1, ... (default: cuda when available)", str),
     # data
     Key("data", "digits", "dataset", str, DATASETS),
     Key("data_dir", None, "dataset root (torchvision layout, or DIR/train and DIR/val for imagefolder)", str),
     Key("download", False, "let torchvision download the dataset where a network exists"),
-    Key("img_size", 16, "input resolution"),
-    Key("crop_scale_min", 0.6, "training random-resized crop keeps at least this fraction of the image"),
+    Key("img_size", 16, "input resolution", POSITIVE_INT),
+    Key("crop_scale_min", 0.6, "training random-resized crop keeps at least this fraction of the image",
+        Number(float, 0, 1, open_low=True)),
     Key("crop_pct", 1.0, "evaluation: resize to img_size / crop_pct, then center-crop (timm uses 0.875)",
-        float),
-    Key("hflip", None, "horizontal flip probability (default: 0.5 where mirroring keeps the label, else 0)", float),
+        POSITIVE),
+    Key("hflip", None, "horizontal flip probability (default: 0.5 where mirroring keeps the label, else 0)",
+        PROBABILITY),
     Key("randaugment", None, "timm RandAugment spec, e.g. rand-m9-mstd0.5", str),
-    Key("reprob", 0.0, "random erasing probability"),
-    Key("color_jitter", 0.0, "color jitter strength"),
-    Key("batch_size", 64, "images per step on each process"),
-    Key("val_batch_size", 256, "images per validation batch"),
-    Key("workers", 0, "data-loader worker processes"),
+    Key("reprob", 0.0, "random erasing probability", PROBABILITY),
+    Key("color_jitter", 0.0, "color jitter strength", NON_NEGATIVE),
+    Key("batch_size", 64, "images per step on each process", POSITIVE_INT),
+    Key("val_batch_size", 256, "images per validation batch", POSITIVE_INT),
+    Key("workers", 0, "data-loader worker processes", NON_NEGATIVE_INT),
     # model
     Key("widths", list(SupernetConfig().widths), "width multipliers of the supernet, increasing", "floats"),
-    Key("num_classes", None, "number of classes (default: the dataset's)", int),
+    Key("num_classes", None, "number of classes (default: the dataset's)", POSITIVE_INT),
     Key("small_input", True, "small-input stem for ~32 px images (stem and second stage at stride 1)"),
-    Key("dropout", 0.0, "dropout before the classifier"),
-    Key("se_ratio", 0.0, "squeeze-excitation in every block (0: none)"),
+    Key("dropout", 0.0, "dropout before the classifier", Number(float, 0, 1, open_high=True)),
+    Key("se_ratio", 0.0, "squeeze-excitation in every block (0: none)", PROBABILITY),
     # the sandwich
-    Key("num_random_widths", 1, "random widths between the largest and the smallest in every step"),
+    Key("num_random_widths", 1, "random widths between the largest and the smallest in every step", NON_NEGATIVE_INT),
     Key("num_random_plans", 1, "random per-stage plans (each stage at its own random width choice) in every step, "
-        "learning like the random widths; trains the mixed widths of gate routes and searched plans"),
+        "learning like the random widths; trains the mixed widths of gate routes and searched plans", NON_NEGATIVE_INT),
     Key("ensemble_smallest", True, "smallest width learns from the mean of the teacher's outputs of the step"),
     Key("ema", False, "EMA teacher (in-place bootstrapping); without it, distil from the live largest width"),
-    Key("ema_decay", 0.99, "EMA decay per optimizer update"),
+    Key("ema_decay", 0.99, "EMA decay per optimizer update", Number(float, 0, 1, open_high=True)),
     Key("teacher_batch_stats", False, "the EMA teacher normalises with each batch's statistics instead of its "
         "running statistics, which lag its weights early in a run"),
     Key("ema_warmup", True, "ramp the EMA decay up from 0 (timm ModelEmaV3 warm-up) for short runs"),
-    Key("label_smoothing", 0.1, "label smoothing of the largest width's cross-entropy"),
+    Key("label_smoothing", 0.1, "label smoothing of the largest width's cross-entropy",
+        Number(float, 0, 1, open_high=True)),
     # the gate (stage II)
     Key("init_weights", "ema", "stage II: which weights of the --init checkpoint (ema falls back to model when it "
         "has none)", str, ("ema", "model")),
@@ -81,43 +87,43 @@ KEYS: tuple[Key, ...] = (
         "a stage. The layers after it run at the routed width", str),
     Key("gate_routes", None, "stage II: the widths the gate routes to, a subset of widths (default: gate_num_routes "
         "choices spread from the smallest to the largest)", "floats"),
-    Key("gate_num_routes", 4, "stage II: number of routes when gate_routes is not given"),
+    Key("gate_num_routes", 4, "stage II: number of routes when gate_routes is not given", POSITIVE_INT),
     Key("gate_input_width", None, "stage II: the fixed width of every layer before the gate, a width choice "
         "(default: the largest, which is then also the widest route's width and gives the gate the strongest "
         "features)", float),
     Key("gate_se_ratio", 0.25, "stage II: the gate's squeeze width relative to its input channels (a block with "
-        "squeeze-excitation keeps its own)"),
-    Key("gate_tau", 1.0, "stage II: temperature of the straight-through Gumbel-softmax routes in training"),
+        "squeeze-excitation keeps its own)", Number(float, 0, 1, open_low=True)),
+    Key("gate_tau", 1.0, "stage II: temperature of the straight-through Gumbel-softmax routes in training", POSITIVE),
     Key("gate_calibration_batches", 8, "stage II: training batches on which each new route's BN statistics are "
-        "collected when the gate is inserted"),
+        "collected when the gate is inserted", POSITIVE_INT),
     Key("sgs", "sandwich", "stage II: gate labels (SGS). sandwich: the smallest route if it classifies the image "
         "correctly, else the largest; graded: the narrowest route that classifies it correctly, else the largest",
         str, ("sandwich", "graded")),
-    Key("task_loss_weight", 1.0, "stage II: weight of the dynamic network's cross-entropy"),
-    Key("gate_loss_weight", 1.0, "stage II: weight of the gate's cross-entropy against the SGS labels"),
+    Key("task_loss_weight", 1.0, "stage II: weight of the dynamic network's cross-entropy", NON_NEGATIVE),
+    Key("gate_loss_weight", 1.0, "stage II: weight of the gate's cross-entropy against the SGS labels", NON_NEGATIVE),
     Key("madds_loss", "square", "stage II: square: weight · (E[MAdds] / target)²; excess: weight · "
         "max(0, E[MAdds] / target − 1)², with E[MAdds] the batch mean of the expected MAdds per image", str,
         ("square", "excess")),
-    Key("madds_loss_weight", 0.1, "stage II: weight of the MAdds loss (0: none)"),
+    Key("madds_loss_weight", 0.1, "stage II: weight of the MAdds loss (0: none)", NON_NEGATIVE),
     Key("target_madds", 1.0, "stage II: MAdds target per image: a count (e.g. 3e8), or a fraction (≤ 1) of the "
-        "widest route's MAdds"),
+        "widest route's MAdds", POSITIVE),
     # optimisation
-    Key("epochs", 12, "epochs of the learning-rate schedule"),
+    Key("epochs", 12, "epochs of the learning-rate schedule", POSITIVE_INT),
     Key("epoch_limit", None, "stop after this many epochs in this run (resume later); the schedule is unchanged",
-        int),
+        POSITIVE_INT),
     Key("opt", "sgd", "timm optimizer name (sgd is SGD with Nesterov momentum)", str),
-    Key("lr", None, "learning rate (default: lr_base · global batch / lr_base_size)", float),
-    Key("lr_base", 0.32, "learning rate per lr_base_size images"),
-    Key("lr_base_size", 512, "batch size lr_base refers to"),
-    Key("momentum", 0.9, "optimizer momentum"),
-    Key("weight_decay", 1e-4, "weight decay (not applied to BN and biases)"),
+    Key("lr", None, "learning rate (default: lr_base · global batch / lr_base_size)", POSITIVE),
+    Key("lr_base", 0.32, "learning rate per lr_base_size images", POSITIVE),
+    Key("lr_base_size", 512, "batch size lr_base refers to", POSITIVE_INT),
+    Key("momentum", 0.9, "optimizer momentum", Number(float, 0, 1, open_high=True)),
+    Key("weight_decay", 1e-4, "weight decay (not applied to BN and biases)", NON_NEGATIVE),
     Key("sched", "cosine", "timm scheduler name", str),
-    Key("warmup_epochs", 2, "linear warm-up epochs"),
-    Key("warmup_lr", 1e-5, "learning rate at the start of warm-up"),
-    Key("min_lr", 0.0, "floor of the schedule"),
+    Key("warmup_epochs", 2, "linear warm-up epochs", NON_NEGATIVE_INT),
+    Key("warmup_lr", 1e-5, "learning rate at the start of warm-up", NON_NEGATIVE),
+    Key("min_lr", 0.0, "floor of the schedule", NON_NEGATIVE),
     Key("clip_grad", None, "clip the gradient norm to this value (0: no clipping, which turns a recipe's clip off)",
-        float),
-    Key("accum_steps", 1, "micro-batches per optimizer update"),
+        NON_NEGATIVE),
+    Key("accum_steps", 1, "micro-batches per optimizer update", POSITIVE_INT),
     Key("amp", False, "mixed precision: bf16 autocast on CPU, fp16 with a GradScaler on CUDA"),
     Key("channels_last", True, "channels_last memory format for the model and its activations"),
     Key("keep_freed_memory", True, "let glibc's malloc keep the memory a step frees for the next step instead of "
@@ -125,12 +131,12 @@ KEYS: tuple[Key, ...] = (
     # validation and logging
     Key("val_widths", None, "widths validated each epoch (default: smallest, middle, largest)", "floats"),
     Key("bn_recalibrate_batches", 2, "before validating, re-estimate each validated width's BN statistics on this many "
-        "training batches (every width after the last epoch); 0: use the running statistics"),
-    Key("val_every", 1, "validate every k epochs (and after the last)"),
+        "training batches (every width after the last epoch); 0: use the running statistics", NON_NEGATIVE_INT),
+    Key("val_every", 1, "validate every k epochs (and after the last)", POSITIVE_INT),
     Key("best_metric", None,
         "summary column that picks best.pth; @smallest/@middle/@largest or a width, e.g. val_top1@0.5 (default: "
         "ema_val_top1@smallest in stage I, ema_val_top1 of the dynamic network in stage II)", str),
-    Key("log_interval", 20, "steps between progress-bar updates of the loss"),
+    Key("log_interval", 20, "steps between progress-bar updates of the loss", POSITIVE_INT),
 )
 FLOATS, INTS = "floats", "ints"
 
@@ -154,7 +160,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     for key in KEYS:
         flag = "--" + key.name.replace("_", "-")
         kind = _key_type(key)
-        help_text = f"{key.help} (default: {key.default})"
+        ranged = f"{kind.range_text()}, " if isinstance(kind, Number) else ""
+        help_text = f"{key.help} ({ranged}default: {key.default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif kind == FLOATS:
@@ -182,34 +189,11 @@ def parse_config(argv: list[str] | None, prog: str = "train.py", description: st
 
 
 def validate(config: dict[str, Any]) -> None:
-    positive = ("img_size", "batch_size", "val_batch_size", "epochs", "accum_steps", "val_every", "log_interval",
-                "lr_base_size")
-    for name in positive:
-        if config[name] is None or config[name] < 1:
-            raise UserError(f"{name} must be a positive integer, got {config[name]}")
-    if config["num_random_widths"] < 0:
-        raise UserError(f"num_random_widths must be ≥ 0, got {config['num_random_widths']}")
-    if config["num_random_plans"] < 0:
-        raise UserError(f"num_random_plans must be ≥ 0, got {config['num_random_plans']}")
-    if config["workers"] < 0:
-        raise UserError(f"workers must be ≥ 0, got {config['workers']}")
-    if config["clip_grad"] is not None and config["clip_grad"] < 0:
-        raise UserError(f"clip_grad must be ≥ 0 (0: no clipping), got {config['clip_grad']}")
-    if not 0.0 <= config["ema_decay"] < 1.0:
-        raise UserError(f"ema_decay must be in [0, 1), got {config['ema_decay']}")
-    if config["epoch_limit"] is not None and config["epoch_limit"] < 1:
-        raise UserError(f"epoch_limit must be a positive integer, got {config['epoch_limit']}")
-    for name in ("gate_num_routes", "gate_calibration_batches"):
-        if config[name] < 1:
-            raise UserError(f"{name} must be a positive integer, got {config[name]}")
-    for name in ("gate_tau", "target_madds"):
-        if not config[name] > 0:
-            raise UserError(f"{name} must be positive, got {config[name]}")
-    for name in ("task_loss_weight", "gate_loss_weight", "madds_loss_weight"):
-        if config[name] < 0:
-            raise UserError(f"{name} must be ≥ 0, got {config[name]}")
-    if not 0 < config["gate_se_ratio"] <= 1:
-        raise UserError(f"gate_se_ratio must be in (0, 1], got {config['gate_se_ratio']}")
+    """What the keys' own ranges (checked as they are parsed) cannot say: a recipe's `null` for a key that needs a
+    value, and the supernet the keys describe."""
+    for key in KEYS:
+        if config[key.name] is None and key.default is not None:
+            raise UserError(f"{key.name} needs a value (default: {key.default})")
     try:
         SupernetConfig.from_dict(model_config(config, num_classes=config["num_classes"] or 1)).validate()
     except ValueError as exc:

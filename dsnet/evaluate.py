@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import report as schema
 from .bn_slots import calibrate_routes, recalibrate_bn
-from .cli import ArgumentParser
+from .cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser
 from .errors import UserError
 from .files import write_text_atomic
 from .cli_inputs import (add_checkpoint_args, add_device_arg, check_output_path, open_checkpoint, resolve_device,
@@ -194,27 +194,6 @@ examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python eval.py", description=f"{__doc__}\n{schema.__doc__}", epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,27 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dynamic: do not measure the uniform widths that bracket the gated network's mean MAdds "
                             "(by default their rows follow, and the dynamic row holds their top-1 interpolated at "
                             "that MAdds)")
-    which.add_argument("--recalibrate-bn", type=_positive_int, metavar="N",
+    which.add_argument("--recalibrate-bn", type=POSITIVE_INT, metavar="N",
                        help="before measuring each width, reset its BN statistics and re-estimate them on N training "
                             "batches of --batch-size images (in memory; the checkpoint is not changed)")
     data = parser.add_argument_group("data (default: the dataset and transforms recorded in the checkpoint)")
     data.add_argument("--data", choices=DATASETS, help="dataset whose val split is evaluated")
     data.add_argument("--data-dir", metavar="DIR", help="dataset root directory")
-    data.add_argument("--batch-size", type=_positive_int, default=128, help="evaluation batch size (default: 128)")
-    data.add_argument("--workers", type=_non_negative_int, default=0, help="data-loading processes (default: 0)")
+    data.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="evaluation batch size (default: 128)")
+    data.add_argument("--workers", type=NON_NEGATIVE_INT, default=0, help="data-loading processes (default: 0)")
     timing = parser.add_argument_group(
         "latency (of the exported dense subnet of each width: a plain torch.nn network, what a user deploys)")
     timing.add_argument("--no-latency", action="store_true", help="do not measure latency")
-    timing.add_argument("--latency-batch-size", type=_positive_int, default=32, metavar="N",
+    timing.add_argument("--latency-batch-size", type=POSITIVE_INT, default=32, metavar="N",
                         help="the second latency batch size, besides 1 (default: 32)")
-    timing.add_argument("--latency-repeats", type=_positive_int, default=10, metavar="R",
+    timing.add_argument("--latency-repeats", type=POSITIVE_INT, default=10, metavar="R",
                         help="timed runs per figure; the median is reported (default: 10)")
-    timing.add_argument("--latency-warmup", type=_non_negative_int, default=3, metavar="R",
+    timing.add_argument("--latency-warmup", type=NON_NEGATIVE_INT, default=3, metavar="R",
                         help="untimed runs before timing (default: 3)")
     timing.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                         help="as train.py: glibc's malloc keeps the memory a forward frees for the next one, so a "
                              "timed run does not page-fault fresh memory for its activations (default: on)")
-    timing.add_argument("--threads", type=_positive_int, default=2,
+    timing.add_argument("--threads", type=POSITIVE_INT, default=2,
                         help="CPU threads for the whole evaluation, torch.set_num_threads (default: 2)")
     add_device_arg(timing, "evaluate")
     out = parser.add_argument_group("reports (the table is always printed)")

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .bn_slots import recalibrate_bn
-from .cli import ArgumentParser, run_main
+from .cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser, Number, run_main
 from .errors import UserError
 from .files import atomic_path
 from .cli_inputs import (add_checkpoint_args, add_data_args, check_output_path, input_size, open_checkpoint,
@@ -58,6 +58,7 @@ TOLERANCES = {"torchscript": 1e-5, "pt": 1e-5, "timm": 1e-5, "onnx": 1e-4}
 TIMM_MODELS = {0.35: "mobilenetv2_035", 0.5: "mobilenetv2_050", 0.75: "mobilenetv2_075", 1.0: "mobilenetv2_100",
                1.4: "mobilenetv2_140"}
 DEFAULT_OPSET = 17
+ONNX_OPSETS = (7, 20)  # the opsets torch.onnx.export(dynamo=False) writes
 CHECK_BATCH = 3  # differs from the traced batch of 1, so the check also proves the batch axis is dynamic
 
 
@@ -162,24 +163,20 @@ def build_parser() -> ArgumentParser:
                              "mobilenetv2_* of the same width (uniform widths of an ImageNet-layout supernet only); "
                              "pt: the torch.nn module saved with torch.save (loading it needs dsnet)")
     parser.add_argument("--out", required=True, metavar="PATH", help="output file; its directory must exist")
-    parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+    parser.add_argument("--recalibrate-bn", type=NON_NEGATIVE_INT, default=0, metavar="N",
                         help="re-estimate the BN statistics of the width on N training batches first; needed for a "
                              "plan that is not a width choice unless the checkpoint already holds its statistics "
                              "(default 0: none)")
     add_data_args(parser)
-    parser.add_argument("--batch-size", type=int, default=64, metavar="N",
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=64, metavar="N",
                         help="batch size of the BN recalibration batches (default 64)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
-                        help=f"ONNX opset version (default {DEFAULT_OPSET})")
+    parser.add_argument("--opset", type=Number(int, *ONNX_OPSETS), default=DEFAULT_OPSET, metavar="N",
+                        help=f"ONNX opset version, {ONNX_OPSETS[0]} to {ONNX_OPSETS[1]} (default {DEFAULT_OPSET})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.recalibrate_bn < 0:
-        raise UserError(f"--recalibrate-bn must be at least 0, got {args.recalibrate_bn}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_output_path(args.out)
 
     state, model, weights = open_checkpoint(args.checkpoint, args.weights)

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Subset
 
 from .bn_slots import recalibrate_bn
-from .cli import ArgumentParser, run_main
+from .cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser, run_main
 from .errors import UserError
 from .cli_inputs import (add_checkpoint_args, add_data_args, add_device_arg, check_output_path, input_size,
                          open_checkpoint, resolve_device, training_data_options)
@@ -276,23 +276,23 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--start", choices=("nearest", "largest"), default="nearest",
                         help="the width choice the search narrows: nearest, the narrowest choice above the target "
                              "(default), or largest, AutoSlim's start")
-    parser.add_argument("--steps", type=int, default=10, metavar="N",
+    parser.add_argument("--steps", type=POSITIVE_INT, default=10, metavar="N",
                         help="steps from the start to the target, each saving about the same MAdds (default 10)")
     parser.add_argument("--granularity", choices=("stage", "channels"), default="channels",
                         help="what one move narrows: stage, a whole stage down to a narrower width choice (the "
                              "plans stage I trains with --num-random-plans), or channels, one layer group by "
                              "--step channels (default: channels)")
-    parser.add_argument("--step", type=int, default=8, metavar="N",
+    parser.add_argument("--step", type=POSITIVE_INT, default=8, metavar="N",
                         help="channel granularity: a group narrows by multiples of this many channels (default 8)")
-    parser.add_argument("--min-channels", type=int, default=8, metavar="N",
+    parser.add_argument("--min-channels", type=POSITIVE_INT, default=8, metavar="N",
                         help="no group is narrowed below this many channels (default 8)")
-    parser.add_argument("--eval-batches", type=int, default=8, metavar="N",
+    parser.add_argument("--eval-batches", type=POSITIVE_INT, default=8, metavar="N",
                         help="held-out training batches on which each candidate's top-1 is measured (default 8)")
-    parser.add_argument("--recalibrate-batches", type=int, default=4, metavar="N",
+    parser.add_argument("--recalibrate-batches", type=POSITIVE_INT, default=4, metavar="N",
                         help="training batches, disjoint from the held-out ones, on which each candidate's BN "
                              "statistics are recalibrated (default 4)")
-    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="batch size (default 64)")
-    parser.add_argument("--seed", type=int, default=0, metavar="N",
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=64, metavar="N", help="batch size (default 64)")
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, metavar="N",
                         help="seed of the shuffle that picks both sets of batches (default 0)")
     add_device_arg(parser, "search")
     return parser
@@ -300,9 +300,6 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("steps", "step", "min_channels", "eval_batches", "recalibrate_batches", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     check_output_path(args.out)
 
     state, model, weights = open_checkpoint(args.checkpoint, args.weights)

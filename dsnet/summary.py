@@ -1,11 +1,9 @@
 """`python -m dsnet.summary`: channels, parameters and MAdds of every width choice of a supernet."""
 from __future__ import annotations
 
-import argparse
 import json
 
-from .cli import run_main
-from .errors import UserError
+from .cli import POSITIVE_INT, ArgumentParser, run_main
 from .madds import count_madds, count_params
 from .mobilenetv2 import create_supernet
 
@@ -35,17 +33,20 @@ def summary_rows(model, img_size: int) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dsnet.summary", description=__doc__)
-    parser.add_argument("-c", "--config", help="training recipe (configs/*.yaml) whose supernet to describe (default: the ImageNet-layout "
-                        "supernet with 1000 classes)")
-    parser.add_argument("--img-size", type=int, help="input resolution for MAdds (default: the config's img_size)")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m dsnet.summary", description=__doc__)
+    parser.add_argument("-c", "--config", help="training recipe (configs/*.yaml) whose supernet to describe "
+                        "(default: the ImageNet-layout supernet with 1000 classes)")
+    parser.add_argument("--img-size", type=POSITIVE_INT,
+                        help="input resolution for MAdds (default: the config's img_size)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     model = create_supernet(model_config_from_recipe(args.config) if args.config else None)
-    img_size = args.img_size or model.config.img_size
-    if img_size < 1:
-        raise UserError(f"--img-size must be positive, got {img_size}")
+    img_size = model.config.img_size if args.img_size is None else args.img_size
     rows = summary_rows(model, img_size)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -80,7 +80,8 @@ def test_without_target_l1_prunes_the_sparsity_of_every_group(digits_checkpoint,
     (["--method", "magnitude", "--target-madds", "0.5"], "invalid choice: 'magnitude'"),
     (["--method", "l1", "--target-madds", "1G"], "is above the largest width's"),
     (["--method", "taylor", "--target-madds", "1000"], "is below the"),
-    (["--method", "dcp", "--target-madds", "0.5", "--min-channels", "0"], "--min-channels must be at least 1"),
+    (["--method", "dcp", "--target-madds", "0.5", "--min-channels", "0"],
+     "argument --min-channels: must be ≥ 1, got 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, digits_checkpoint, tmp_path, capsys):
     code, _, err = run_command(prune_main, ["--checkpoint", digits_checkpoint, *args, "--out", tmp_path / "out"],

@@ -130,8 +130,8 @@ def test_diverging_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypatc
     (["--data", "imagenet21k"], "invalid choice"),
     (["--data", "cifar10", "--data-dir", "/no/such/dir"], "does not exist"),
     (["--stage", "gate"], "--stage gate needs --init CHECKPOINT"),
-    (["--epochs", "0"], "epochs must be a positive integer"),
-    (["--clip-grad", "-1"], "clip_grad must be ≥ 0"),
+    (["--epochs", "0"], "argument --epochs: must be ≥ 1, got 0"),
+    (["--clip-grad", "-1"], "argument --clip-grad: must be ≥ 0, got -1"),
 ])
 def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message, capsys):
     code, _, err = run_command(train_main, [*args, "--output", tmp_path / "out"], capsys)

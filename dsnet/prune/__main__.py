@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..cli import ArgumentParser, parse_args_with_config, run_main
+from ..cli import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ArgumentParser, Number,
+                   parse_args_with_config, run_main)
 from ..errors import UserError
 from ..files import atomic_path, write_text_atomic
 from ..cli_inputs import (add_checkpoint_args, add_data_args, add_device_arg, input_size, open_checkpoint,
@@ -40,7 +41,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--target-madds", metavar="M",
                         help="MAdds budget per image: an absolute count (150M, 1.2e8) or, for a value ≤ 1, a "
                              "fraction of the largest width's MAdds (0.5); default: the method's own rule with --sparsity")
-    parser.add_argument("--sparsity", type=float, default=0.5, metavar="F",
+    parser.add_argument("--sparsity", type=Number(float, 0, 1, open_high=True), default=0.5,
+                        metavar="F",
                         help="without --target-madds: the fraction of channels the method's own rule prunes (l1: "
                              "per group; bn-scale: global percentile; taylor: of all channels; dcp: η per group; "
                              "polarization cuts at histogram valleys instead) (default 0.5)")
@@ -48,46 +50,33 @@ def build_parser() -> ArgumentParser:
                         help="output directory (created if missing; its parent must exist): model.pt, plan.json, "
                              "scores.json, report.json")
     add_data_args(parser)
-    parser.add_argument("--epochs", type=int, default=1, metavar="N",
+    parser.add_argument("--epochs", type=NON_NEGATIVE_INT, default=1, metavar="N",
                         help="epochs of the method's training phase: sparsity training (bn-scale, polarization), "
                              "AGP pruning steps (l1), tock phases in all (taylor); unused by dcp (default 1)")
-    parser.add_argument("--finetune-epochs", type=int, default=1, metavar="N",
+    parser.add_argument("--finetune-epochs", type=NON_NEGATIVE_INT, default=1, metavar="N",
                         help="epochs of fine-tuning the dense subnet after BN recalibration (default 1; 0: none)")
-    parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the training phase (default 0.01)")
-    parser.add_argument("--finetune-lr", type=float, default=0.01,
+    parser.add_argument("--lr", type=POSITIVE, default=0.01, help="learning rate of the training phase (default 0.01)")
+    parser.add_argument("--finetune-lr", type=POSITIVE, default=0.01,
                         help="peak learning rate of the fine-tuning, cosine to 0 (default 0.01)")
-    parser.add_argument("--penalty", type=float, metavar="S",
+    parser.add_argument("--penalty", type=NON_NEGATIVE, metavar="S",
                         help="strength of the method's regularizer (default: bn-scale 1e-5, polarization 1e-4, "
                              "taylor 1e-4, dcp 0.01: the weight of the auxiliary cross-entropy against a "
                              "reconstruction error measured in units of its target)")
-    parser.add_argument("--min-channels", type=int, default=8, metavar="N",
+    parser.add_argument("--min-channels", type=POSITIVE_INT, default=8, metavar="N",
                         help="no group is pruned below this many channels (default 8; never zero)")
-    parser.add_argument("--score-batches", type=int, default=4, metavar="N",
+    parser.add_argument("--score-batches", type=POSITIVE_INT, default=4, metavar="N",
                         help="batches per Taylor scoring pass, and the images of DCP's per-layer problems "
                              "(default 4)")
-    parser.add_argument("--recalibrate-batches", type=int, default=8, metavar="N",
+    parser.add_argument("--recalibrate-batches", type=POSITIVE_INT, default=8, metavar="N",
                         help="training batches for the BN recalibration of the pruned plan (default 8)")
-    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="batch size (default 64)")
-    parser.add_argument("--workers", type=int, default=0, metavar="N", help="data-loader workers (default 0)")
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=64, metavar="N", help="batch size (default 64)")
+    parser.add_argument("--workers", type=NON_NEGATIVE_INT, default=0, metavar="N", help="data-loader workers (default 0)")
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, metavar="N", help="random seed (default 0)")
     add_device_arg(parser, "prune")
     return parser
 
 
 def check_args(args) -> None:
-    for flag in ("min_channels", "score_batches", "recalibrate_batches", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("epochs", "finetune_epochs", "workers"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 0, got {getattr(args, flag)}")
-    if not 0.0 <= args.sparsity < 1.0:
-        raise UserError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    for flag in ("lr", "finetune_lr"):
-        if not getattr(args, flag) > 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.penalty is not None and args.penalty < 0:
-        raise UserError(f"--penalty must be at least 0, got {args.penalty}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out!r} exists and is not a directory")
