@@ -10,6 +10,7 @@ whose pickle would build any other object (and so could run code) is refused bef
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -29,8 +30,12 @@ VERSION = 2
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Save `state` to `path` through a temporary file renamed into place."""
     state = {"format": FORMAT, "version": VERSION, **state}
+    # Serialised in memory, then written by Python: torch.save's own file writer reports a full disk as an opaque
+    # RuntimeError, a Python write as the OSError it is.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

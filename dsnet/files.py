@@ -25,11 +25,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     Readers never see a half-written file, an existing file survives a failed write, and after a power loss the
     renamed file holds what was written (the file and then its directory are synced, as databases do).
+
+    A write the system refuses (a full disk, a folder removed meanwhile, no permission) is a one-line `UserError`
+    naming the file. A process killed mid-write leaves at most a hidden `.NAME.*.tmp` beside the file, which no
+    later write or run reads.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"output directory {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"could not write {str(path)!r}: {exc.strerror or exc}") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -38,11 +45,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        _fsync(path.parent, directory=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise UserError(f"could not write {str(path)!r}: {exc.strerror or exc}") from None
         raise
-    _fsync(path.parent, directory=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -181,6 +181,7 @@ class Trainer:
             self.stage.before_checkpoint(self.models, improved, last_epoch)
             self.model.train()
             if self.dist.is_main:
+                self._check_output()
                 self._log_epoch(epoch, row)
                 self._save(epoch, improved)
         if self.dist.is_main:
@@ -218,6 +219,7 @@ class Trainer:
             if self.dist.is_main and (i % cfg["log_interval"] == 0):
                 rate = images_seen * self.dist.world_size / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{losses.total:.3f}", img_s=f"{rate:.0f}")
+                self._check_output()
                 for name, value in losses.scalars.items():
                     self.writer.add_scalar(f"train/{name}", value, self.step)
         elapsed = time.perf_counter() - start
@@ -252,6 +254,11 @@ class Trainer:
         return metrics
 
     # ---- logs and checkpoints -----------------------------------------------------------------------------------
+
+    def _check_output(self) -> None:
+        """Before anything is written: TensorBoard's writer thread would find a removed folder with a traceback."""
+        if not self.output.is_dir():
+            raise UserError(f"output directory {str(self.output)!r} was removed during the run")
 
     def _log_epoch(self, epoch: int, row: dict[str, Any]) -> None:
         for key, value in row.items():
