@@ -1,10 +1,14 @@
-"""A run's output directory: the check that it holds no other run, and its `summary.csv`."""
+"""A run's output directory: the check that it holds no other run, the lock of the run writing it, and its
+`summary.csv`."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import os
+import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import UserError
 from .files import write_text_atomic
@@ -19,6 +23,46 @@ def check_output_dir(output: Path, resuming: bool, overwrite: bool) -> None:
                         f"{output / 'last.pth'} to continue it or --overwrite to replace it")
     if output.exists() and not output.is_dir():
         raise UserError(f"output path {str(output)!r} exists and is not a directory")
+
+
+LOCK = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(output: Path) -> Iterator[None]:
+    """Hold `output/.lock` while a run writes the folder: a second run started on it meanwhile is refused. A lock
+    whose process is gone (same host) is taken over; one held from another host is left to the user."""
+    lock = output / LOCK
+    owner = f"{socket.gethostname()} {os.getpid()}"
+    for _attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            host, _, pid = lock.read_text().strip().partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # stale: its run was killed
+                continue
+            raise UserError(f"output directory {str(output)!r} is in use by another run (process {pid} on {host}); "
+                            f"if that run is gone, remove {lock}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(owner)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text() == owner:
+                lock.unlink()
 
 
 def write_summary(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -27,7 +27,7 @@ from .cpu_memory import keep_freed_memory
 from .data import build_dataset, build_loader, num_classes_of
 from .distributed import setup_distributed
 from .rng import capture_rng, restore_rng, seed_all
-from .run_dir import check_output_dir, write_summary
+from .run_dir import check_output_dir, run_lock, write_summary
 from .stages import StepResult, create_stage, width_label
 
 
@@ -157,9 +157,15 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        if not self.dist.is_main:
+            return self._run()
+        self.output.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.output):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.config
         if self.dist.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.output / "args.yaml", to_yaml(cfg))
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.output))

@@ -1,6 +1,7 @@
 """Fault injection on the real write path: a full disk, a process killed mid-write and an output folder removed
 during a run never lose the last good checkpoint, and each is one line, not a traceback."""
 import errno
+import os
 import pathlib
 import shutil
 
@@ -13,6 +14,8 @@ from dsnet.errors import UserError
 from dsnet.run_dir import check_output_dir
 from dsnet.train import main as train_main
 from dsnet.trainer import Trainer
+
+from conftest import run_command
 
 FAST = ["--img-size", "8", "--widths", "0.5", "1.0", "--batch-size", "256", "--val-batch-size", "512",
         "--warmup-epochs", "0", "--log-interval", "1000", "--bn-recalibrate-batches", "1", "--num-random-plans", "0"]
@@ -90,3 +93,28 @@ def test_a_fault_during_training_is_one_line_and_keeps_the_last_good_epoch(fault
         assert load_checkpoint(out / "last.pth")["epoch"] == 0 and leftovers(out) == []
     else:
         assert err == f"error: output directory {str(out)!r} was removed during the run"
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from dsnet.run_dir import LOCK, run_lock
+
+    with run_lock(tmp_path):
+        with pytest.raises(UserError, match=f"is in use by another run \\(process {os.getpid()} on "):
+            with run_lock(tmp_path):
+                pass
+        code, _, err = run_command(train_main, [*FAST, "--output", tmp_path, "--overwrite"], capsys)
+        assert code == 2 and err.count("\n") == 1 and "is in use by another run" in err
+    assert not (tmp_path / LOCK).exists()  # released
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK).write_text(f"{socket.gethostname()} {gone.stdout.strip()}")  # its process has ended
+    with run_lock(tmp_path):
+        assert (tmp_path / LOCK).read_text() == f"{socket.gethostname()} {os.getpid()}"
+    (tmp_path / LOCK).write_text("another-host 1")  # cannot be checked from here: left to the user
+    with pytest.raises(UserError, match="process 1 on another-host"):
+        with run_lock(tmp_path):
+            pass
