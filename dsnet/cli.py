@@ -34,13 +34,17 @@ class Number:
             return f"{'>' if self.open_low else '≥'} {self.low:g}"
         return f"{'<' if self.open_high else '≤'} {self.high:g}"
 
+    def contains(self, value) -> bool:
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below  # NaN is neither
+
     def __call__(self, text: str):
         try:
             value = self.kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {self.__name__}, got {text}") from None
-        if value != value or (self.low is not None and (value <= self.low if self.open_low else value < self.low)) \
-                or (self.high is not None and (value >= self.high if self.open_high else value > self.high)):
+        if not self.contains(value):
             raise argparse.ArgumentTypeError(f"must be {self.range_text()}, got {text}")
         return value
 
@@ -49,6 +53,8 @@ POSITIVE_INT = Number(int, low=1)
 NON_NEGATIVE_INT = Number(int, low=0)
 NON_NEGATIVE = Number(float, low=0)
 POSITIVE = Number(float, low=0, open_low=True)
+PROBABILITY = Number(float, 0, 1)
+FRACTION = Number(float, 0, 1, open_high=True)  # [0, 1): a share that cannot be all
 
 
 def read_yaml_mapping(path: str) -> dict[str, Any]:

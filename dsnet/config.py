@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from .cli import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Number, config_file_values,
-                  parse_args_with_config)
+from .cli import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, Number,
+                  config_file_values, parse_args_with_config)
 from .errors import UserError
 from .data import DATASETS, DataOptions
 from .mobilenetv2 import SupernetConfig
@@ -29,8 +29,6 @@ class Key:
     type: Any = None  # str, int, float, bool, "floats", "ints", a cli.Number (a range); None: from the default
     choices: tuple | None = None
 
-
-PROBABILITY = Number(float, 0, 1)
 
 KEYS: tuple[Key, ...] = (
     # what to train
@@ -64,7 +62,7 @@ KEYS: tuple[Key, ...] = (
     Key("widths", list(SupernetConfig().widths), "width multipliers of the supernet, increasing", "floats"),
     Key("num_classes", None, "number of classes (default: the dataset's)", POSITIVE_INT),
     Key("small_input", True, "small-input stem for ~32 px images (stem and second stage at stride 1)"),
-    Key("dropout", 0.0, "dropout before the classifier", Number(float, 0, 1, open_high=True)),
+    Key("dropout", 0.0, "dropout before the classifier", FRACTION),
     Key("se_ratio", 0.0, "squeeze-excitation in every block (0: none)", PROBABILITY),
     # the sandwich
     Key("num_random_widths", 1, "random widths between the largest and the smallest in every step", NON_NEGATIVE_INT),
@@ -72,12 +70,12 @@ KEYS: tuple[Key, ...] = (
         "learning like the random widths; trains the mixed widths of gate routes and searched plans", NON_NEGATIVE_INT),
     Key("ensemble_smallest", True, "smallest width learns from the mean of the teacher's outputs of the step"),
     Key("ema", False, "EMA teacher (in-place bootstrapping); without it, distil from the live largest width"),
-    Key("ema_decay", 0.99, "EMA decay per optimizer update", Number(float, 0, 1, open_high=True)),
+    Key("ema_decay", 0.99, "EMA decay per optimizer update", FRACTION),
     Key("teacher_batch_stats", False, "the EMA teacher normalises with each batch's statistics instead of its "
         "running statistics, which lag its weights early in a run"),
     Key("ema_warmup", True, "ramp the EMA decay up from 0 (timm ModelEmaV3 warm-up) for short runs"),
     Key("label_smoothing", 0.1, "label smoothing of the largest width's cross-entropy",
-        Number(float, 0, 1, open_high=True)),
+        FRACTION),
     # the gate (stage II)
     Key("init_weights", "ema", "stage II: which weights of the --init checkpoint (ema falls back to model when it "
         "has none)", str, ("ema", "model")),
@@ -115,7 +113,7 @@ KEYS: tuple[Key, ...] = (
     Key("lr", None, "learning rate (default: lr_base · global batch / lr_base_size)", POSITIVE),
     Key("lr_base", 0.32, "learning rate per lr_base_size images", POSITIVE),
     Key("lr_base_size", 512, "batch size lr_base refers to", POSITIVE_INT),
-    Key("momentum", 0.9, "optimizer momentum", Number(float, 0, 1, open_high=True)),
+    Key("momentum", 0.9, "optimizer momentum", FRACTION),
     Key("weight_decay", 1e-4, "weight decay (not applied to BN and biases)", NON_NEGATIVE),
     Key("sched", "cosine", "timm scheduler name", str),
     Key("warmup_epochs", 2, "linear warm-up epochs", NON_NEGATIVE_INT),

@@ -34,7 +34,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process
-        return True
+        pass
     return True
 
 
@@ -48,7 +48,10 @@ def run_lock(output: Path) -> Iterator[None]:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            host, _, pid = lock.read_text().strip().partition(" ")
+            try:
+                host, _, pid = lock.read_text().strip().partition(" ")
+            except FileNotFoundError:  # released between the two calls
+                continue
             if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
                 lock.unlink(missing_ok=True)  # stale: its run was killed
                 continue
@@ -57,6 +60,8 @@ def run_lock(output: Path) -> Iterator[None]:
         with os.fdopen(fd, "w") as f:
             f.write(owner)
         break
+    else:  # taken over twice and lost twice: another run is starting on it right now
+        raise UserError(f"output directory {str(output)!r} is in use by another run starting now")
     try:
         yield
     finally:

@@ -65,6 +65,13 @@ DIGITS_MODEL = dict(widths=[0.35, 0.5, 0.75, 1.0], num_classes=10, small_input=T
 DIGITS_DATA = dict(data="digits", img_size=DIGITS_SIZE, crop_pct=1.0, crop_scale_min=0.6)
 
 
+# train.py's flags for a trainer test: the digits' own 8 px, four widths, big batches, BN recalibration before
+# validation on 2 batches (not 8), no per-stage plans (tests/test_supernet_step.py covers them).
+TINY = ["--img-size", str(DIGITS_SIZE), "--widths", "0.35", "0.5", "0.75", "1.0", "--batch-size", "256",
+        "--val-batch-size", "512", "--warmup-epochs", "0", "--log-interval", "1000", "--ema",
+        "--bn-recalibrate-batches", "2", "--num-random-plans", "0"]
+
+
 @pytest.fixture(scope="session")
 def digits_checkpoint(tmp_path_factory):
     """Path of a checkpoint of a small supernet trained briefly on digits (every width well above chance), trained

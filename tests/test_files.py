@@ -15,10 +15,9 @@ from dsnet.run_dir import check_output_dir
 from dsnet.train import main as train_main
 from dsnet.trainer import Trainer
 
-from conftest import run_command
+from conftest import TINY, run_command
 
-FAST = ["--img-size", "8", "--widths", "0.5", "1.0", "--batch-size", "256", "--val-batch-size", "512",
-        "--warmup-epochs", "0", "--log-interval", "1000", "--bn-recalibrate-batches", "1", "--num-random-plans", "0"]
+FAST = [*TINY, "--widths", "0.5", "1.0", "--no-ema", "--bn-recalibrate-batches", "1"]  # the later flag wins
 
 
 def full_disk_after(monkeypatch, limit: int):

@@ -16,14 +16,9 @@ from dsnet.trainer import Trainer, TrainingDiverged
 from dsnet.sandwich import sandwich_step, sandwich_widths
 from dsnet.train import main as train_main
 
-from conftest import run_command
+from conftest import TINY, run_command
 
 REPO = Path(__file__).resolve().parent.parent
-# Small and fast: 8 px digits, four widths, big batches, BN recalibration before validation on 2 batches (not 8),
-# no per-stage plans (tests/test_supernet_step.py covers them).
-TINY = ["--img-size", "8", "--widths", "0.35", "0.5", "0.75", "1.0", "--batch-size", "256", "--val-batch-size",
-        "512", "--warmup-epochs", "0", "--log-interval", "1000", "--ema", "--bn-recalibrate-batches", "2",
-        "--num-random-plans", "0"]
 
 
 def make_trainer(tmp_path, *flags, name="run"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ArgumentParser, Number,
+from ..cli import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ArgumentParser,
                    parse_args_with_config, run_main)
 from ..errors import UserError
 from ..files import atomic_path, write_text_atomic
@@ -41,8 +41,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--target-madds", metavar="M",
                         help="MAdds budget per image: an absolute count (150M, 1.2e8) or, for a value ≤ 1, a "
                              "fraction of the largest width's MAdds (0.5); default: the method's own rule with --sparsity")
-    parser.add_argument("--sparsity", type=Number(float, 0, 1, open_high=True), default=0.5,
-                        metavar="F",
+    parser.add_argument("--sparsity", type=FRACTION, default=0.5, metavar="F",
                         help="without --target-madds: the fraction of channels the method's own rule prunes (l1: "
                              "per group; bn-scale: global percentile; taylor: of all channels; dcp: η per group; "
                              "polarization cuts at histogram valleys instead) (default 0.5)")
@@ -70,7 +69,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--recalibrate-batches", type=POSITIVE_INT, default=8, metavar="N",
                         help="training batches for the BN recalibration of the pruned plan (default 8)")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=64, metavar="N", help="batch size (default 64)")
-    parser.add_argument("--workers", type=NON_NEGATIVE_INT, default=0, metavar="N", help="data-loader workers (default 0)")
+    parser.add_argument("--workers", type=NON_NEGATIVE_INT, default=0, metavar="N",
+                        help="data-loader workers (default 0)")
     parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, metavar="N", help="random seed (default 0)")
     add_device_arg(parser, "prune")
     return parser
