@@ -18,7 +18,7 @@ from .cli import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_I
                   config_file_values, parse_args_with_config)
 from .errors import UserError
 from .data import DATASETS, DataOptions
-from .mobilenetv2 import SupernetConfig
+from .mobilenetv2 import MOBILENETV2_STAGES, SupernetConfig, scale_depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ KEYS: tuple[Key, ...] = (
     Key("data", "digits", "dataset", str, DATASETS),
     Key("data_dir", None, "dataset root (torchvision layout, or DIR/train and DIR/val for imagefolder)", str),
     Key("download", False, "let torchvision download the dataset where a network exists"),
-    Key("img_size", 16, "input resolution", POSITIVE_INT),
+    Key("img_size", 8, "input resolution", POSITIVE_INT),
     Key("crop_scale_min", 0.6, "training random-resized crop keeps at least this fraction of the image",
         Number(float, 0, 1, open_low=True)),
     Key("crop_pct", 1.0, "evaluation: resize to img_size / crop_pct, then center-crop (timm uses 0.875)",
@@ -62,6 +62,8 @@ KEYS: tuple[Key, ...] = (
     Key("widths", list(SupernetConfig().widths), "width multipliers of the supernet, increasing", "floats"),
     Key("num_classes", None, "number of classes (default: the dataset's)", POSITIVE_INT),
     Key("small_input", True, "small-input stem for ~32 px images (stem and second stage at stride 1)"),
+    Key("depth_multiplier", 0.5, "blocks per stage times this, rounded up, as timm's depth_multiplier (0.5: 11 "
+        "blocks instead of MobileNetV2's 17)", POSITIVE),
     Key("dropout", 0.0, "dropout before the classifier", FRACTION),
     Key("se_ratio", 0.0, "squeeze-excitation in every block (0: none)", PROBABILITY),
     # the sandwich
@@ -201,7 +203,8 @@ def validate(config: dict[str, Any]) -> None:
 def model_config(config: dict[str, Any], num_classes: int) -> dict[str, Any]:
     """The supernet's part of a run config."""
     return {"widths": config["widths"], "num_classes": num_classes, "img_size": config["img_size"],
-            "small_input": config["small_input"], "dropout": config["dropout"], "se_ratio": config["se_ratio"]}
+            "small_input": config["small_input"], "dropout": config["dropout"], "se_ratio": config["se_ratio"],
+            "stages": scale_depth(MOBILENETV2_STAGES, config["depth_multiplier"])}
 
 
 def data_options(config: dict[str, Any]) -> DataOptions:

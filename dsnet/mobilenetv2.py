@@ -10,10 +10,10 @@ channel count per group.
 """
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
-
-from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -283,8 +283,18 @@ class DSMobileNetV2(ResolvesWidths, BNSlots, nn.Module):
         return costs
 
 
-def create_supernet(config: SupernetConfig | Mapping[str, Any] | None = None, **overrides: Any) -> DSMobileNetV2:
-    """Build a DS-MobileNetV2 supernet from a config (object or mapping) with keyword overrides."""
+def scale_depth(stages: Sequence[Sequence[int]], multiplier: float) -> list[list[int]]:
+    """Each stage's number of blocks times `multiplier`, rounded up: timm's `depth_multiplier` (`depth_trunc='ceil'`),
+    so every stage keeps at least one block and 0.5 turns MobileNetV2's 17 blocks into 11."""
+    if not multiplier > 0:
+        raise ValueError(f"depth_multiplier must be positive, got {multiplier}")
+    return [[t, c, int(math.ceil(n * multiplier)), s] for t, c, n, s in stages]
+
+
+def create_supernet(config: SupernetConfig | Mapping[str, Any] | None = None, *, depth_multiplier: float = 1.0,
+                    **overrides: Any) -> DSMobileNetV2:
+    """Build a DS-MobileNetV2 supernet from a config (object or mapping) with keyword overrides; `depth_multiplier`
+    scales the config's stages as `scale_depth` does."""
     if config is None:
         values: dict[str, Any] = {}
     elif isinstance(config, SupernetConfig):
@@ -292,4 +302,6 @@ def create_supernet(config: SupernetConfig | Mapping[str, Any] | None = None, **
     else:
         values = dict(config)
     values.update(overrides)
+    if depth_multiplier != 1.0:
+        values["stages"] = scale_depth(values.get("stages", MOBILENETV2_STAGES), depth_multiplier)
     return DSMobileNetV2(SupernetConfig.from_dict(values))

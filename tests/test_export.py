@@ -68,6 +68,23 @@ def test_dense_subnet_is_timm_mobilenetv2(supernet_to_140, width):
         assert max_abs(reference(x), supernet_to_140(x, width)) <= 1e-5
 
 
+@pytest.mark.parametrize("depth_multiplier", [0.5, 1.4])
+def test_depth_multiplier_is_timms(depth_multiplier):
+    """`depth_multiplier` builds the blocks timm's MobileNetV2 generator builds with the same multiplier."""
+    from timm.models.efficientnet import _gen_mobilenet_v2
+
+    torch.manual_seed(4)
+    model = dsnet.create_supernet(num_classes=10, widths=[0.5, 1.0], depth_multiplier=depth_multiplier).eval()
+    dense = dsnet.export_subnet(model, 1.0)
+    reference = _gen_mobilenet_v2("mobilenetv2_100", depth_multiplier=depth_multiplier, num_classes=10).eval()
+    assert {k: v.shape for k, v in dense.state_dict().items()} == \
+        {k: v.shape for k, v in reference.state_dict().items()}
+    reference.load_state_dict(dense.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert max_abs(reference(x), model(x, 1.0)) <= 1e-5
+
+
 def test_squeeze_excitation_blocks_export_exactly():
     model = dsnet.create_supernet(num_classes=10, small_input=True, se_ratio=0.25, widths=[0.5, 0.75, 1.0]).eval()
     x = torch.randn(2, 3, 32, 32)

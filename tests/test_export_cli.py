@@ -232,7 +232,7 @@ def test_command_line_pickles_the_package_classes(digits_checkpoint, tmp_path):
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     dense = torch.load(out, weights_only=False)
-    assert type(dense.blocks[1][1]).__module__ == "dsnet.export"  # a residual block, not a class of __main__
+    assert type(dense.blocks[2][1]).__module__ == "dsnet.export"  # a residual block, not a class of __main__
     x = digits_input()
     with torch.no_grad():
         assert max_abs(dense(x), load_supernet(digits_checkpoint)(x, 0.35)) <= 1e-5

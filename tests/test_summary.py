@@ -16,9 +16,11 @@ def test_json_rows_match_the_counters(capsys):
     recipe = REPO / "configs" / "digits.yaml"
     assert main(["--json", "-c", str(recipe)]) == 0
     rows = json.loads(capsys.readouterr().out)
-    model = dsnet.create_supernet(widths=[r["width"] for r in rows], num_classes=10, small_input=True)
+    values = yaml.safe_load(recipe.read_text())
+    model = dsnet.create_supernet(widths=[r["width"] for r in rows], num_classes=10, small_input=True,
+                                  depth_multiplier=values["depth_multiplier"])
     assert len(rows) == 14
-    img_size = yaml.safe_load(recipe.read_text())["img_size"]
+    img_size = values["img_size"]
     for row in rows:
         assert row["madds"] == dsnet.count_madds(model, row["width"], img_size)
         assert row["params"] == dsnet.count_params(model, row["width"])
