@@ -6,7 +6,9 @@ A stage-II checkpoint also has ``gate`` (the `GateConfig` as a dict); its state 
 supernet part is under ``supernet.``.
 
 Checkpoints hold tensors, numbers, strings, lists and dicts only, and are read with ``weights_only=True``: a file
-whose pickle would build any other object (and so could run code) is refused before anything in it runs.
+whose pickle would build any other object (and so could run code) is refused before anything in it runs. Version 1
+files, whose random-number state held a NumPy array, are read with NumPy's array type allowed as well, and upgraded
+in memory; the next checkpoint a resumed run writes is a version-2 file.
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import UserError
 from .files import atomic_path
 from .gate import GatedDSNet, GateConfig
 from .mobilenetv2 import DSMobileNetV2, SupernetConfig
+from .rng import upgrade_version_1_rng
 
 FORMAT = "dsnet-checkpoint"
 VERSION = 2
@@ -47,13 +51,37 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         # weights_only: tensors, numbers, strings and containers only; a pickle that would run code is refused
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(f"checkpoint {str(path)!r} holds objects other than tensors, numbers and strings "
-                        f"({_first_line(exc)}), and loading it could run code: refused") from None
+        state = _load_version_1(path, map_location, exc)
     except Exception as exc:  # torch raises many kinds for a damaged file
         raise UserError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{str(path)!r} is not a dsnet checkpoint")
+    if state.get("version") == 1:
+        state = {**state, "version": VERSION, "rng": upgrade_version_1_rng(state.get("rng"))}
     return state
+
+
+# A uint32 NumPy array, as version 1 stored NumPy's random state: the pickle's names under NumPy 2 and NumPy 1.
+_RECONSTRUCT = np.array(0).__reduce__()[0]
+_NUMPY_ARRAY = [(_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
+                (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load_version_1(path: Path, map_location, refusal: pickle.UnpicklingError) -> dict[str, Any]:
+    """A file the weights-only load refused: read it only if NumPy's array type is all it needs beyond that."""
+    names = {f"{o[1] if isinstance(o, tuple) else o.__module__ + '.' + o.__qualname__}" for o in _NUMPY_ARRAY}
+    try:
+        needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))  # reads the names, runs nothing
+    except Exception:  # noqa: BLE001 - not a readable torch file: report the refusal
+        needed = {"?"}
+    if not needed <= names:
+        raise UserError(f"checkpoint {str(path)!r} holds objects other than tensors, numbers and strings "
+                        f"({_first_line(refusal)}), and loading it could run code: refused") from None
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAY):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(exc).__name__})") from None
 
 
 def _first_line(exc: Exception) -> str:

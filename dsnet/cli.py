@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,6 +140,9 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except (UserError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
+        # A data loader that re-raised a worker's error stays referenced from these frames, and freed only later
+        # by the garbage collector, which then waits seconds for each of its workers: free it now.
+        traceback.clear_frames(exc.__traceback__)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

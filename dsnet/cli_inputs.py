@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .checkpoint import gated_network_from_checkpoint, load_checkpoint, supernet_from_checkpoint
+from .config import recorded_config
 from .errors import UserError
 from .data import DATASETS, DataOptions
 from .gate import GatedDSNet
@@ -69,20 +70,15 @@ def open_checkpoint(path: str, weights: str | None, gated: bool = False
     return state, supernet_from_checkpoint(state, weights), weights
 
 
-def run_config(state: dict[str, Any]) -> dict[str, Any]:
-    config = state.get("config")
-    return dict(config) if isinstance(config, dict) else {}
-
-
 def input_size(state: dict[str, Any], model: DSMobileNetV2) -> int:
     """The image size the run trained at (MAdds and test inputs use it)."""
-    return int(run_config(state).get("img_size", model.config.img_size))
+    return int(recorded_config(state).get("img_size", model.config.img_size))
 
 
 def training_data_options(state: dict[str, Any], model: DSMobileNetV2, data: str | None = None,
                           data_dir: str | None = None) -> DataOptions:
     """The data options of the checkpoint's run, with the dataset and its root optionally overridden."""
-    values = run_config(state)
+    values = recorded_config(state)
     values.setdefault("img_size", model.config.img_size)
     if data is not None and data != values.get("data"):
         values["data"], values["data_dir"] = data, None  # the recorded directory belongs to the recorded dataset

@@ -35,7 +35,8 @@ KEYS: tuple[Key, ...] = (
     Key("stage", "supernet", "supernet: stage I (sandwich + in-place bootstrapping); gate: stage II", str,
         ("supernet", "gate")),
     Key("output", None, "run directory (default: runs/<stage>-<data>)", str),
-    Key("resume", None, "checkpoint to resume from (restores model, EMA, optimizer, scheduler, RNG, epoch)", str),
+    Key("resume", None, "checkpoint to resume from (restores model, EMA, optimizer, scheduler, RNG, and the position "
+        "in the epoch)", str),
     Key("overwrite", False, "allow writing into an output directory that holds another run"),
     Key("init", None, "stage II: the stage-I checkpoint to start from; its model and data keys are the defaults",
         str),
@@ -58,6 +59,8 @@ KEYS: tuple[Key, ...] = (
     Key("batch_size", 64, "images per step on each process", POSITIVE_INT),
     Key("val_batch_size", 256, "images per validation batch", POSITIVE_INT),
     Key("workers", 0, "data-loader worker processes", NON_NEGATIVE_INT),
+    Key("skip_bad_images", False, "skip an image file that cannot be decoded, with a warning naming it, instead of "
+        "stopping with an error that names it"),
     # model
     Key("widths", list(SupernetConfig().widths), "width multipliers of the supernet, increasing", "floats"),
     Key("num_classes", None, "number of classes (default: the dataset's)", POSITIVE_INT),
@@ -132,6 +135,8 @@ KEYS: tuple[Key, ...] = (
     Key("val_widths", None, "widths validated each epoch (default: smallest, middle, largest)", "floats"),
     Key("bn_recalibrate_batches", 2, "before validating, re-estimate each validated width's BN statistics on this many "
         "training batches (every width after the last epoch); 0: use the running statistics", NON_NEGATIVE_INT),
+    Key("save_every_steps", 0, "also write last.pth every this many steps inside an epoch (0: only at epoch ends)",
+        NON_NEGATIVE_INT),
     Key("val_every", 1, "validate every k epochs (and after the last)", POSITIVE_INT),
     Key("best_metric", None,
         "summary column that picks best.pth; @smallest/@middle/@largest or a width, e.g. val_top1@0.5 (default: "
@@ -198,6 +203,16 @@ def validate(config: dict[str, Any]) -> None:
         SupernetConfig.from_dict(model_config(config, num_classes=config["num_classes"] or 1)).validate()
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+# Keys added after runs were recorded without them, each with the value those runs had (not today's default).
+RECORDED_BEFORE = {"depth_multiplier": 1.0}
+
+
+def recorded_config(state: dict[str, Any]) -> dict[str, Any]:
+    """The run config a checkpoint records, completed with `RECORDED_BEFORE` where it predates a key."""
+    config = state.get("config")
+    return {**RECORDED_BEFORE, **config} if isinstance(config, dict) else {}
 
 
 def model_config(config: dict[str, Any], num_classes: int) -> dict[str, Any]:

@@ -7,11 +7,13 @@ supernet as ImageNet.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 import torch
+import torchvision.datasets as tvd
 from PIL import Image
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -38,6 +40,7 @@ class DataOptions:
     randaugment: str | None = None  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"
     reprob: float = 0.0  # random erasing probability
     color_jitter: float = 0.0
+    skip_bad_images: bool = False  # image folders: replace an undecodable file by the next one instead of stopping
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "DataOptions":
@@ -83,6 +86,63 @@ class _ToRGB:
         return self.transform(img.convert("RGB"))
 
 
+class BadImageError(UserError):
+    """An image file that cannot be decoded, named in a one-line message, also when a data-loader worker raises it.
+
+    torch re-raises a worker's exception in the main process as `type(text)`, `text` being "Caught … in DataLoader
+    worker process N." and the worker's whole traceback, whose last line is this error's own: that line is kept."""
+
+    def __init__(self, message: str):
+        own = f"{type(self).__module__}.{type(self).__qualname__}: "
+        lines = [line[len(own):] for line in message.splitlines() if line.startswith(own)]
+        super().__init__(lines[-1] if lines else message)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """torchvision's image loader, but a file PIL cannot decode (truncated, not an image) is a BadImageError."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Image.UnidentifiedImageError:  # its own message names the file object, not the file
+        raise BadImageError(f"cannot read image {path!r}: not an image format PIL recognizes") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadImageError(f"cannot read image {path!r}: {reason}") from None
+
+
+_bad_files: set[str] = set()  # the image files this process found undecodable, each warned about once
+
+
+class ImageFolder(tvd.ImageFolder):
+    """torchvision's ImageFolder, but a file that cannot be decoded is an error naming it or, with `skip_bad_images`,
+    a warning naming it (once in each loading process) and the next readable file in the folder's order in its place,
+    as timm's ImageDataset does. The length stays, so batches stay full, distributed shards stay equal and an epoch
+    yields as many images as before, the substitute twice; which file replaces which does not depend on the workers
+    or the shuffle."""
+
+    def __init__(self, root: str, transform=None, skip_bad_images: bool = False):
+        super().__init__(root, transform=transform, loader=load_rgb)
+        self.skip_bad_images = skip_bad_images
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            if self.skip_bad_images and path in _bad_files:
+                continue
+            try:
+                image = self.loader(path)
+            except BadImageError as exc:
+                if not self.skip_bad_images:
+                    raise
+                _bad_files.add(path)
+                print(f"warning: {exc}; the next image replaces it", file=sys.stderr, flush=True)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, target
+        raise BadImageError(f"no image in {self.root!r} can be read")
+
+
 def build_transform(opts: DataOptions, train: bool):
     if train:
         hflip = opts.hflip if opts.hflip is not None else (0.5 if opts.data in FLIP_SAFE else 0.0)
@@ -107,15 +167,13 @@ def build_dataset(opts: DataOptions, train: bool, transform=None) -> Dataset:
     root = opts.data_dir
     if not os.path.isdir(root) and not (opts.download and name != "imagefolder"):
         raise UserError(f"data directory {root!r} does not exist")
-    import torchvision.datasets as tvd
-
     try:
         if name == "imagefolder":
             split = os.path.join(root, "train" if train else "val")
             if not os.path.isdir(split):
                 raise UserError(f"image folder {split!r} does not exist (expected {root}/train/<class>/… and "
                                 f"{root}/val/<class>/…)")
-            return tvd.ImageFolder(split, transform=transform)
+            return ImageFolder(split, transform=transform, skip_bad_images=opts.skip_bad_images)
         cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST,
                "fashion-mnist": tvd.FashionMNIST}[name]
         if name in ("mnist", "fashion-mnist"):
@@ -135,9 +193,10 @@ def num_classes_of(dataset: Dataset) -> int:
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0, sampler=None,
                  seed: int = 0, drop_last: bool | None = None) -> DataLoader:
-    """A data loader; training loaders shuffle with a generator seeded by `seed` (exactly resumable per epoch)."""
+    """A data loader; training loaders shuffle (unless `sampler` orders them) with a generator of their own seeded by
+    `seed`, which also seeds the workers, so that iterating them never draws from the global generators."""
     generator = None
-    if train and sampler is None:
+    if train:
         generator = torch.Generator()
         generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,

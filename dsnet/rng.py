@@ -35,3 +35,13 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def upgrade_version_1_rng(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A version-1 checkpoint's generator states (NumPy's and Python's own tuples) in the form `capture_rng` gives."""
+    if not state:
+        return state
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss = state["python"]
+    return {**state, "numpy": [name, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, cached],
+            "python": [version, list(internal), gauss]}

@@ -18,7 +18,7 @@ import torch.nn as nn
 from .bn_slots import recalibrate_bn
 from .checkpoint import gated_network_from_checkpoint, load_checkpoint, supernet_from_checkpoint
 from .errors import UserError
-from .config import data_options, model_config
+from .config import data_options, model_config, recorded_config
 from .data import DataOptions, calibration_batches
 from .gate import GatedDSNet, GateConfig, check_gate_config, default_routes, insert_gate
 from .gate_training import GateLosses, epoch_metrics, evaluate_gated, gate_step, set_trainable
@@ -88,7 +88,8 @@ class SupernetStage:
         self.calibration = None  # BN recalibration batches, loaded on first use
 
     def build_model(self, num_classes: int, device: torch.device, resume_state: dict | None) -> DSMobileNetV2:
-        self.model_config = SupernetConfig.from_dict(model_config(self.config, num_classes))
+        recorded = (resume_state or {}).get("model_config")  # a resumed run rebuilds the supernet it saved
+        self.model_config = SupernetConfig.from_dict(recorded or model_config(self.config, num_classes))
         self.model = DSMobileNetV2(self.model_config).to(device)
         self.widths = self.model.widths
         self.val_widths = resolve_val_widths(self.config, self.widths)
@@ -153,7 +154,7 @@ class SupernetStage:
 # ---- stage II: the gate --------------------------------------------------------------------------------------------
 
 # Keys a gate run takes from the --init checkpoint's run unless given now: the supernet's and the data's.
-INHERITED_KEYS = ("widths", "small_input", "dropout", "se_ratio", "num_classes",
+INHERITED_KEYS = ("widths", "small_input", "depth_multiplier", "dropout", "se_ratio", "num_classes",
                   *DataOptions.__dataclass_fields__)
 ARCHITECTURE_KEYS = ("widths", "small_input", "se_ratio", "num_classes")
 
@@ -172,7 +173,7 @@ def read_init_checkpoint(path: str | None) -> dict[str, Any]:
 def complete_config(config: dict[str, Any], explicit: set[str], init_state: dict[str, Any]) -> dict[str, Any]:
     """The run config completed from the --init checkpoint's run: model and data keys not given now come from it.
     A model key that was given must agree with the checkpoint's supernet."""
-    recorded = init_state.get("config") if isinstance(init_state.get("config"), dict) else {}
+    recorded = recorded_config(init_state)
     config = {**config, **{k: recorded[k] for k in INHERITED_KEYS if k in recorded and k not in explicit}}
     architecture = init_state["model_config"]
     for key in ARCHITECTURE_KEYS:

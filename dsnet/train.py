@@ -13,7 +13,7 @@ examples:
   python train.py --stage supernet                  # digits, the built-in default
   python train.py -c configs/cifar10.yaml --data-dir /data/cifar10
   torchrun --nproc_per_node=2 train.py --output runs/ddp
-  python train.py --resume runs/supernet-digits/last.pth
+  python train.py --resume runs/supernet-digits/last.pth   # also after SIGTERM or Ctrl-C, from the next step
   python train.py --stage gate --init runs/supernet-digits/best.pth
 """
 
@@ -22,5 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import Trainer
 
     config, explicit = parse_config(argv, prog="train.py", description=DESCRIPTION)
-    Trainer(config, explicit).run()
-    return 0
+    trainer = Trainer(config, explicit)
+    trainer.run()
+    # Stopped by SIGTERM or SIGINT (last.pth saved): the status a shell gives a process the signal ended.
+    return 0 if trainer.stopped_by is None else 128 + trainer.stopped_by

@@ -16,19 +16,21 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, distribute_bn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import UserError
 from .files import write_text_atomic
-from .config import data_options, to_yaml
+from .config import data_options, recorded_config, to_yaml
 from .cpu_memory import keep_freed_memory
 from .data import build_dataset, build_loader, num_classes_of
 from .distributed import setup_distributed
 from .rng import capture_rng, restore_rng, seed_all
 from .run_dir import check_output_dir, run_lock, write_summary
+from .sampling import EpochSampler
 from .stages import StepResult, create_stage, width_label
+from .stop_signals import StopRequests
 
 
 class TrainingDiverged(UserError):
@@ -59,7 +61,7 @@ class Trainer:
         if config.get("resume"):
             self.resume_state = load_checkpoint(config["resume"])
             # The resumed run keeps its recorded config; only keys given now override it.
-            recorded = dict(self.resume_state.get("config") or {})
+            recorded = recorded_config(self.resume_state)
             config = {**config, **recorded, **{k: config[k] for k in explicit}, "resume": config["resume"]}
             if "output" not in explicit:
                 config["output"] = str(Path(config["resume"]).parent)
@@ -68,6 +70,7 @@ class Trainer:
         if config["keep_freed_memory"]:
             keep_freed_memory()
         self.dist = setup_distributed(config["device"])
+        self.dist.same_on_every_process(to_yaml(config), "config")
         self.device = self.dist.device
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -79,6 +82,8 @@ class Trainer:
         self._build_model()
         self._build_optimization()
         self.start_epoch, self.step, self.best, self.summary_rows = 0, 0, None, []
+        self.resume_position: dict[str, Any] | None = None  # where inside `start_epoch` a resumed run continues
+        self.stop_requests, self.stopped_by = StopRequests(announce=self.dist.is_main), None
         if self.resume_state is not None:
             self._restore(self.resume_state)
             self.resume_state = None
@@ -93,14 +98,13 @@ class Trainer:
         if cfg["num_classes"] is not None and cfg["num_classes"] != classes:
             raise UserError(f"num_classes is {cfg['num_classes']} but dataset {cfg['data']!r} has {classes}")
         self.num_classes = classes
-        self.train_sampler = None
+        self.train_sampler = EpochSampler(len(train_set), cfg["seed"], self.dist.rank, self.dist.world_size)
         if self.dist.world_size > 1:
-            self.train_sampler = DistributedSampler(train_set, self.dist.world_size, self.dist.rank, shuffle=True,
-                                                    seed=cfg["seed"], drop_last=True)
             val_set = Subset(val_set, range(self.dist.rank, len(val_set), self.dist.world_size))
         self.train_loader = build_loader(train_set, cfg["batch_size"], train=True, workers=cfg["workers"],
                                          sampler=self.train_sampler, seed=cfg["seed"])
-        if len(self.train_loader) == 0:
+        self.batches_per_epoch = len(self.train_loader)
+        if self.batches_per_epoch == 0:
             raise UserError(f"batch_size {cfg['batch_size']} is larger than the training set ({len(train_set)})")
         self.val_loader = build_loader(val_set, cfg["val_batch_size"], train=False, workers=cfg["workers"])
 
@@ -146,6 +150,15 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise UserError(f"cannot resume from {self.config['resume']!r}: {str(exc).splitlines()[0]}") from None
         self.start_epoch, self.step = state["epoch"] + 1, state["step"]
+        position = state.get("position")
+        if position is not None:  # written inside an epoch: continue with its next batch
+            layout = (self.config["batch_size"], self.dist.world_size, self.config["accum_steps"])
+            if (position["batch_size"], position["world_size"], position["accum_steps"]) != layout:
+                raise UserError(
+                    f"{self.config['resume']!r} was written inside epoch {position['epoch'] + 1} with batch_size "
+                    f"{position['batch_size']} on {position['world_size']} process(es), accum_steps "
+                    f"{position['accum_steps']}; resume it with the same")
+            self.start_epoch, self.resume_position = position["epoch"], position
         self.best, self.summary_rows = state.get("best"), list(state.get("summary", []))
         restore_rng(state["rng"])
 
@@ -157,11 +170,18 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        if not self.dist.is_main:
-            return self._run()
-        self.output.mkdir(parents=True, exist_ok=True)
-        with run_lock(self.output):
-            return self._run()
+        """Train to the end, or until SIGTERM or SIGINT: then `stopped_by` is the signal and last.pth holds the
+        position inside the epoch."""
+        with self.stop_requests:
+            try:
+                if not self.dist.is_main:
+                    return self._run()
+                self.output.mkdir(parents=True, exist_ok=True)
+                with run_lock(self.output):
+                    return self._run()
+            except Exception as exc:
+                self.dist.fail_loudly(exc)
+                raise
 
     def _run(self) -> dict[str, Any]:
         cfg = self.config
@@ -176,6 +196,8 @@ class Trainer:
         for epoch in range(self.start_epoch, end_epoch):
             last_epoch = epoch + 1 == cfg["epochs"]
             train_metrics = self.train_one_epoch(epoch)
+            if train_metrics is None:  # stopped inside the epoch; last.pth holds where
+                break
             if self.dist.world_size > 1:  # each process updated BN statistics on its own batches: average them
                 for model, _ in self.models:
                     distribute_bn(model, self.dist.world_size, reduce=True)
@@ -190,25 +212,33 @@ class Trainer:
                 self._check_output()
                 self._log_epoch(epoch, row)
                 self._save(epoch, improved)
+            if epoch + 1 < end_epoch and self._stop_requested():  # the checkpoint just written is where to resume
+                break
         if self.dist.is_main:
             self.writer.close()
+            if self.stopped_by is not None:
+                print(f"stopped by {self.stop_requests.name or 'a signal to another process'} at epoch "
+                      f"{epoch + 1}, step {self.step}; continue with: python train.py --resume "
+                      f"{self.output / 'last.pth'}", flush=True)
         self.dist.close()
         return row
 
-    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+    def train_one_epoch(self, epoch: int) -> dict[str, float] | None:
+        """One epoch's steps and their figures; None when a stop request ended it early (after saving last.pth)."""
         cfg = self.config
-        if self.train_sampler is not None:
-            self.train_sampler.set_epoch(epoch)
-        else:
-            self.train_loader.generator.manual_seed(cfg["seed"] + epoch)
+        resumed, self.resume_position = self.resume_position or {}, None
+        first = resumed.get("batch", 0)
+        self.train_sampler.set_epoch(epoch, start=first * cfg["batch_size"])
+        self.train_loader.generator.manual_seed(cfg["seed"] + epoch)  # the workers' seeds, the same in a resumed run
         self.model.train()
         accum = cfg["accum_steps"]
-        loss_sum, images_seen, start = 0.0, 0, time.perf_counter()
-        sums: dict[str, float] = {}
+        loss_sum, images_seen = resumed.get("loss_sum", 0.0), resumed.get("images_seen", 0)
+        sums: dict[str, float] = dict(resumed.get("sums", {}))
+        start, images_now = time.perf_counter(), 0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not self.dist.is_main,
-                   leave=False, mininterval=1.0, dynamic_ncols=True)
+                   leave=False, mininterval=1.0, dynamic_ncols=True, initial=first, total=self.batches_per_epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        for i, (images, targets) in enumerate(bar):
+        for i, (images, targets) in enumerate(bar, start=first):
             images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             losses = self.train_step(images, targets, backward=lambda loss: self.scaler.scale(loss / accum).backward())
             for key, value in losses.sums.items():
@@ -218,20 +248,34 @@ class Trainer:
                     f"loss became {losses.total} at epoch {epoch + 1}, step {self.step}; stopping "
                     f"({self.output / 'last.pth'} holds the last good epoch)")
             self.step += 1
-            if (i + 1) % accum == 0:
-                self._update(epoch)
             loss_sum += losses.total
             images_seen += images.shape[0]
+            images_now += images.shape[0]
+            if (i + 1) % accum == 0:
+                self._update(epoch)
+                position = {"epoch": epoch, "batch": i + 1, "batch_size": cfg["batch_size"],
+                            "world_size": self.dist.world_size, "accum_steps": accum, "loss_sum": loss_sum,
+                            "images_seen": images_seen, "sums": sums}
+                if self._stop_requested():
+                    bar.close()
+                    if self.dist.is_main:
+                        self._check_output()
+                        self._save(epoch - 1, improved=False, position=position)
+                    return None
+                every = cfg["save_every_steps"]
+                if every and self.step % every == 0 and i + 1 < self.batches_per_epoch and self.dist.is_main:
+                    self._check_output()
+                    self._save(epoch - 1, improved=False, position=position)
             if self.dist.is_main and (i % cfg["log_interval"] == 0):
-                rate = images_seen * self.dist.world_size / (time.perf_counter() - start)
+                rate = images_now * self.dist.world_size / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{losses.total:.3f}", img_s=f"{rate:.0f}")
                 self._check_output()
                 for name, value in losses.scalars.items():
                     self.writer.add_scalar(f"train/{name}", value, self.step)
         elapsed = time.perf_counter() - start
-        metrics = {"train_loss": loss_sum / max(1, len(self.train_loader)),
+        metrics = {"train_loss": loss_sum / self.batches_per_epoch,
                    "lr": self.optimizer.param_groups[0]["lr"],
-                   "images_per_s": images_seen * self.dist.world_size / elapsed, "epoch_s": elapsed}
+                   "images_per_s": images_now * self.dist.world_size / elapsed, "epoch_s": elapsed}
         metrics.update(self.stage.epoch_metrics(self.dist.all_reduce_dict(sums)))
         return metrics
 
@@ -239,6 +283,16 @@ class Trainer:
         """The stage's work on one batch: forward and backward (the optimizer steps in `_update`)."""
         return self.stage.train_step(self.ddp or self.model, self.ema.module if self.ema is not None else None,
                                      images, targets, self.step, backward, self.autocast)
+
+    def _stop_requested(self) -> bool:
+        """Whether a SIGTERM or SIGINT asked the run to stop, agreed by every process (each may have received it at
+        a different step, or only one of them); sets `stopped_by`."""
+        signum = self.stop_requests.signal or 0
+        if self.dist.world_size > 1:
+            signum = int(self.dist.all_reduce(torch.tensor([signum]), largest=True).item())
+        if signum:
+            self.stopped_by = signum
+        return bool(signum)
 
     def _update(self, epoch: int) -> None:
         cfg = self.config
@@ -287,7 +341,8 @@ class Trainer:
         self.best = {"metric": self.best_metric, "value": value, "epoch": epoch}
         return True
 
-    def _save(self, epoch: int, improved: bool) -> None:
+    def _save(self, epoch: int, improved: bool, position: dict[str, Any] | None = None) -> None:
+        """Write last.pth (and best.pth if `improved`) after `epoch`, or inside the next epoch at `position`."""
         write_summary(self.output / "summary.csv", self.summary_rows)
         state = {
             **self.stage.checkpoint_extras(),
@@ -298,6 +353,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
+            "position": position,
             "step": self.step,
             "best": self.best,
             "summary": self.summary_rows,

@@ -69,3 +69,31 @@ def test_random_number_states_survive_a_weights_only_checkpoint(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     restore_rng(load_checkpoint(tmp_path / "rng.pth")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_version_1_checkpoint_loads_with_its_numpy_random_state_and_nothing_more(tmp_path, digits_checkpoint,
+                                                                                     capsys):
+    """Version 1 stored NumPy's random state as an array: such a file is read (that array type allowed, nothing
+    else), upgraded in memory, and evaluates; one that needs any other object is still refused unrun."""
+    from dsnet import evaluate
+    from dsnet.errors import UserError
+
+    state = torch.load(digits_checkpoint, weights_only=True)
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    old = {**state, "version": 1,
+           "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    torch.save(old, tmp_path / "v1.pth")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    loaded = load_checkpoint(tmp_path / "v1.pth")
+    assert loaded["version"] == 2 and torch.equal(loaded["model"]["conv_stem.weight"], state["model"]["conv_stem.weight"])
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng(loaded["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    status, out, err = run_command(evaluate.main, ["--checkpoint", tmp_path / "v1.pth", "--no-latency"], capsys)
+    assert status == 0 and "top-1" in out, err
+
+    marker = tmp_path / "the-pickle-ran"
+    torch.save({**old, "extra": _CreatesFile(marker)}, tmp_path / "v1-crafted.pth")
+    with pytest.raises(UserError, match="could run code"):
+        load_checkpoint(tmp_path / "v1-crafted.pth")
+    assert not marker.exists()

@@ -102,6 +102,116 @@ def test_resume_is_exact(tmp_path):
     assert yaml.safe_load((tmp_path / "split" / "args.yaml").read_text())["epochs"] == 2
 
 
+def assert_same_weights(a, b):
+    for part in ("model", "ema", "optimizer"):
+        flat_a, flat_b = torch.utils._pytree.tree_flatten(a[part])[0], torch.utils._pytree.tree_flatten(b[part])[0]
+        assert len(flat_a) == len(flat_b), part
+        for x, y in zip(flat_a, flat_b):
+            if isinstance(x, torch.Tensor):
+                assert torch.allclose(x.double(), y.double(), atol=1e-6), part
+            else:
+                assert x == y, part
+
+
+def test_sigterm_mid_epoch_saves_and_the_resumed_run_ends_where_the_straight_one_does(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """A straight run writing mid-epoch checkpoints (--save-every-steps), and one stopped by SIGTERM inside its second
+    epoch: resumed, it ends with the straight run's weights, EMA and optimizer state."""
+    import shutil
+    import signal
+
+    import dsnet.trainer
+
+    short = ["--epochs", "2", "--batch-size", "256", "--num-random-widths", "1", "--val-widths", "0.35", "1.0"]
+    per_epoch = 1437 // 256
+    copies = []
+    save = dsnet.trainer.save_checkpoint
+
+    def keep_mid_epoch_copies(path, state):
+        save(path, state)
+        if state["position"] is not None and path.name == "last.pth":
+            copies.append(shutil.copy(path, tmp_path / f"step{state['step']}.pth"))
+
+    monkeypatch.setattr(dsnet.trainer, "save_checkpoint", keep_mid_epoch_copies)
+    make_trainer(tmp_path, *short, "--save-every-steps", "2", name="straight").run()
+    assert [Path(c).name for c in copies] == ["step2.pth", "step4.pth", "step6.pth", "step8.pth"]
+    monkeypatch.setattr(dsnet.trainer, "save_checkpoint", save)
+
+    stop_at = per_epoch + 2  # the signal arrives during the third step of the second epoch
+    train_step = Trainer.train_step
+
+    def signalled(self, images, targets, backward):
+        if self.step + 1 == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(self, images, targets, backward)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled)
+    code, out, err = run_command(train_main, [*TINY, *short, "--output", tmp_path / "stopped"], capsys)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert code == 128 + signal.SIGTERM
+    assert "SIGTERM received" in err and "stopped by SIGTERM at epoch 2, step 7" in out
+    stopped = load_checkpoint(tmp_path / "stopped" / "last.pth")
+    assert stopped["step"] == stop_at and stopped["position"]["epoch"] == 1 and stopped["position"]["batch"] == 2
+    assert stopped["epoch"] == 0 and len(stopped["summary"]) == 1
+
+    straight = load_checkpoint(tmp_path / "straight" / "last.pth")
+    config, explicit = parse_config(["--resume", str(tmp_path / "stopped" / "last.pth")])
+    resumed = Trainer(config, explicit)
+    assert resumed.start_epoch == 1
+    resumed.run()
+    ended = load_checkpoint(tmp_path / "stopped" / "last.pth")
+    assert ended["step"] == straight["step"] == 2 * per_epoch and ended["position"] is None
+    assert_same_weights(ended, straight)
+    assert len(ended["summary"]) == 2
+    assert ended["summary"][-1]["train_loss"] == pytest.approx(straight["summary"][-1]["train_loss"], rel=1e-6)
+    mid_epoch = load_checkpoint(tmp_path / "step4.pth")
+    assert mid_epoch["position"]["batch"] == 4 and mid_epoch["epoch"] == -1
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_the_first_signal_is_a_request_and_the_second_ends_the_process(signum):
+    import signal
+    import time
+
+    from dsnet.stop_signals import StopRequests
+
+    signum = getattr(signal, signum)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: asked once, it says so and keeps running; asked twice, the signal ends it
+        try:
+            with StopRequests(announce=False) as requests:
+                os.kill(os.getpid(), signum)
+                time.sleep(0.1)
+                os.write(write_end, b"asked" if requests.signal == signum else b"?")
+                os.kill(os.getpid(), signum)
+                time.sleep(5)
+        finally:
+            os._exit(3)
+    os.close(write_end)
+    _, status = os.waitpid(child, 0)
+    assert os.read(read_end, 16) == b"asked"
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signum
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_with_its_batch_layout(tmp_path, capsys, monkeypatch):
+    import signal
+
+    train_step = Trainer.train_step
+
+    def signalled(self, images, targets, backward):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(self, images, targets, backward)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled)
+    code, out, _ = run_command(train_main, [*TINY, "--batch-size", "128", "--output", tmp_path / "run"], capsys)
+    assert code == 128 + signal.SIGINT and "stopped by SIGINT at epoch 1, step 2" in out
+    code, _, err = run_command(train_main, ["--resume", tmp_path / "run" / "last.pth", "--batch-size", "64"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "written inside epoch 1 with batch_size 128 on 1 process(es), accum_steps 1; resume it with the same" in err
+
+
 def test_diverging_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, "--epochs", "2", name="nan")
     original = Trainer.train_one_epoch
@@ -212,6 +322,125 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
         assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events")) == \
             ["args.yaml", "best.pth", "last.pth", "summary.csv"]
     assert "gate.slimming.weight" in rank0  # the second run trained the gated network
+
+
+STOPPABLE_WORKER = """
+import json, os, sys
+from dsnet.config import parse_config
+from dsnet.trainer import Trainer
+trainer = Trainer(*parse_config(sys.argv[1:]))
+trainer.run()
+with open(os.environ["DUMP_PREFIX"] + "-rank" + os.environ["RANK"] + ".json", "w") as f:
+    json.dump({"step": trainer.step, "stopped_by": trainer.stopped_by}, f)
+sys.exit(0 if trainer.stopped_by is None else 128 + trainer.stopped_by)
+"""
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(tmp_path):
+    """torchrun passes SIGTERM on to both processes, which receive it at different moments: they agree on the step
+    to stop after, rank 0 saves it, and both exit."""
+    import json
+    import signal
+    import time
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(STOPPABLE_WORKER)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out)}
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                               "29519", str(worker), *TINY, "--batch-size", "32", "--epochs", "3",
+                               "--save-every-steps", "2", "--output", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pth").exists() and launch.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    launch.send_signal(signal.SIGTERM)
+    stdout, stderr = launch.communicate(timeout=60)
+    assert launch.returncode != 0
+    ranks = [json.loads((tmp_path / f"ddp-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["stopped_by"] == signal.SIGTERM, (ranks, stderr[-2000:])
+    state = load_checkpoint(out / "last.pth")
+    assert state["step"] == ranks[0]["step"] and state["position"] is not None and state["position"]["world_size"] == 2
+    assert f"step {ranks[0]['step']}; continue with: python train.py --resume" in stdout
+
+
+FAULTY_WORKER = """
+import os, sys
+from dsnet.cli import run_main
+from dsnet.train import main
+rank, fault = int(os.environ["RANK"]), os.environ["FAULT"]
+open(os.environ["DUMP_PREFIX"] + "-pid" + str(rank), "w").write(str(os.getpid()))
+argv = sys.argv[1:]
+if rank == 1 and fault == "widths":
+    argv += ["--widths", "0.5", "1.0"]
+run_main(main, argv)
+"""
+
+
+def launch_faulty(tmp_path, fault, port):
+    import time
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(FAULTY_WORKER)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out), "FAULT": fault}
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                               str(port), str(worker), *TINY, "--batch-size", "32", "--epochs", "3",
+                               "--save-every-steps", "2", "--output", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return launch, out, time.monotonic()
+
+
+def test_a_killed_rank_ends_the_run_with_a_message_that_names_it(tmp_path):
+    import signal
+    import time
+
+    launch, out, start = launch_faulty(tmp_path, "none", 29520)
+    while not (out / "last.pth").exists() and launch.poll() is None and time.monotonic() < start + 120:
+        time.sleep(0.2)
+    os.kill(int((tmp_path / "ddp-pid1").read_text()), signal.SIGKILL)
+    start = time.monotonic()
+    _, stderr = launch.communicate(timeout=60)
+    assert launch.returncode != 0 and time.monotonic() - start < 60
+    assert "error: rank 1 ended without a message (killed?); rank 0 stops too" in stderr.splitlines(), stderr[-3000:]
+
+
+def test_the_roll_call_names_the_missing_rank_and_what_it_said(monkeypatch):
+    """The roll call the processes of a failed run take (in the key-value store torchrun holds; here a store of
+    the test's own): a rank that reported its error is named with it, one that never answers as killed."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from dsnet.distributed import Distributed
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    from dsnet.errors import UserError
+
+    Distributed(rank=1, world_size=3).fail_loudly(UserError("cannot read image 'x.jpg': Truncated File Read"))
+    assert Distributed(rank=0, world_size=3).missing_ranks(wait_s=1.0) == {
+        1: "cannot read image 'x.jpg': Truncated File Read", 2: None}
+    store.set("dsnet/0/alive/2", "1")  # rank 2 answers after all
+    with pytest.raises(UserError) as info:
+        Distributed(rank=0, world_size=3).fail_loudly(RuntimeError("[gloo/tcp/pair.cc:561] Connection closed by peer"))
+    assert str(info.value) == "rank 1 failed: cannot read image 'x.jpg': Truncated File Read; rank 0 stops too"
+    Distributed(rank=0, world_size=3).fail_loudly(ValueError("not a collective"))  # left to the caller to raise
+
+
+def test_ranks_given_different_configs_are_refused_at_start(tmp_path):
+    launch, out, _ = launch_faulty(tmp_path, "widths", 29522)
+    _, stderr = launch.communicate(timeout=120)
+    assert launch.returncode != 0
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert lines and lines[0].startswith("error: rank ") and "widths is [0." in lines[0], stderr[-3000:]
+    assert "start every process with the same flags" in lines[0]
+    assert not (out / "last.pth").exists()
 
 
 def test_speed_options_train_a_supernet_that_equals_its_export(tmp_path):
