@@ -1,10 +1,11 @@
 """Latency of the exported dense subnet against timm's MobileNetV2 of the same width and an ONNX Runtime session.
 
-For each width, the dense subnet (`dsnet.export_subnet`), timm's `mobilenetv2_*` holding the same weights, and an
-ONNX Runtime session of the subnet's ONNX export (intra-op threads = --threads) run in eval mode on the same input on
-the CPU, interleaved repeat by repeat (the order reversing every other repeat) after a warm-up; each figure is a
-median. The last line is `max dense/timm ratio <value>` over every width and batch size (the exported subnet should
-be no slower than timm's model: ratio ≤ 1.02).
+For each width, the dense subnet (`dsnet.export_subnet`), the same with BatchNorm folded into the convolutions (what
+the TorchScript and ONNX exports hold, `dsnet.export.fold_batch_norms`), timm's `mobilenetv2_*` holding the same
+weights, and an ONNX Runtime session of the subnet's ONNX export (intra-op threads = --threads) run in eval mode on
+the same input on the CPU, interleaved repeat by repeat (the order reversing every other repeat) after a warm-up; each
+figure is a median. The last lines are `max dense/timm ratio <value>` over every width and batch size (the exported
+subnet should be no slower than timm's model: ratio ≤ 1.02) and `max folded/timm ratio at batch 1 <value>`.
 
     python bench/export.py [--threads 2] [--img-size 224] [--batch-sizes 1 32] [--widths 0.35 0.5 0.75 1.0]
 """
@@ -20,7 +21,7 @@ import timm
 import torch
 
 import dsnet
-from dsnet.export import DEFAULT_OPSET, TIMM_MODELS, write_export
+from dsnet.export import DEFAULT_OPSET, TIMM_MODELS, fold_batch_norms, write_export
 from dsnet.timing import median_seconds
 
 
@@ -53,9 +54,9 @@ def main() -> None:
     model = dsnet.create_supernet(num_classes=1000, widths=sorted(set(args.widths)), img_size=args.img_size).eval()
     print(f"torch {torch.__version__}, timm {timm.__version__}, onnxruntime {onnxruntime.__version__}; "
           f"{args.threads} threads, {args.img_size} px, medians of {args.repeats} after {args.warmup} warm-up")
-    print(f"{'width':>6} {'batch':>5} {'dense ms':>10} {'timm ms':>10} {'dense/timm':>10} {'ORT ms':>10} "
-          f"{'dense/ORT':>10}")
-    worst = 0.0
+    print(f"{'width':>6} {'batch':>5} {'dense ms':>10} {'folded ms':>10} {'timm ms':>10} {'dense/timm':>10} "
+          f"{'fold/timm':>10} {'ORT ms':>10} {'dense/ORT':>10}")
+    worst, worst_folded = 0.0, 0.0
     with tempfile.TemporaryDirectory() as directory:
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, args.img_size, args.img_size)
@@ -65,14 +66,21 @@ def main() -> None:
                 reference = timm.create_model(TIMM_MODELS[w], num_classes=1000)
                 reference.load_state_dict(dense.state_dict(), strict=True)
                 reference.eval()
+                folded = fold_batch_norms(dense)
                 session = onnx_session(dense, args.img_size, args.threads, directory)
-                dense_s, timm_s, ort_s = median_seconds(
-                    [lambda: dense(x), lambda: reference(x), lambda: session.run(None, {"input": x_numpy})],
-                    args.repeats, args.warmup)
+                with torch.no_grad():
+                    dense_s, folded_s, timm_s, ort_s = median_seconds(
+                        [lambda: dense(x), lambda: folded(x), lambda: reference(x),
+                         lambda: session.run(None, {"input": x_numpy})], args.repeats, args.warmup)
                 worst = max(worst, dense_s / timm_s)
-                print(f"{w:>6.2f} {batch:>5} {dense_s * 1e3:>10.2f} {timm_s * 1e3:>10.2f} {dense_s / timm_s:>10.3f} "
-                      f"{ort_s * 1e3:>10.2f} {dense_s / ort_s:>10.3f}", flush=True)
+                if batch == 1:
+                    worst_folded = max(worst_folded, folded_s / timm_s)
+                print(f"{w:>6.2f} {batch:>5} {dense_s * 1e3:>10.2f} {folded_s * 1e3:>10.2f} {timm_s * 1e3:>10.2f} "
+                      f"{dense_s / timm_s:>10.3f} {folded_s / timm_s:>10.3f} {ort_s * 1e3:>10.2f} "
+                      f"{dense_s / ort_s:>10.3f}", flush=True)
     print(f"max dense/timm ratio {worst:.3f}")
+    if 1 in args.batch_sizes:
+        print(f"max folded/timm ratio at batch 1 {worst_folded:.3f}")
 
 
 if __name__ == "__main__":

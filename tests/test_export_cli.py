@@ -85,6 +85,31 @@ def test_each_format_reloads_to_the_supernet_output(digits_checkpoint, tmp_path,
     assert os.listdir(tmp_path) == [out.name]  # no temporary file left beside it
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_deployed_formats_fold_batch_norm_unless_asked_to_keep_it(digits_checkpoint, tmp_path, capsys, fmt):
+    """The folded file has no BatchNorm left and still computes the supernet's width (the command's own check
+    passed, and here again on other inputs); --keep-bn keeps one per convolution that had it."""
+    model = load_supernet(digits_checkpoint)
+    x = digits_input()
+    counts = {}
+    for flags in ([], ["--keep-bn"]):
+        out = tmp_path / f"subnet{len(flags)}.{fmt}"
+        assert main(["--checkpoint", str(digits_checkpoint), "--width", "0.5", "--format", fmt, "--out", str(out),
+                     *flags]) == 0
+        assert ("BatchNorm folded" in capsys.readouterr().out) == (not flags)
+        with torch.no_grad():
+            expected = model(x, 0.5)
+            assert max_abs(load_and_run(fmt, out, x), expected) <= TOLERANCE[fmt] * max(1, expected.abs().max())
+        if fmt == "onnx":
+            import onnx
+
+            counts[bool(flags)] = [node.op_type for node in onnx.load(str(out)).graph.node].count("BatchNormalization")
+        else:
+            counts[bool(flags)] = str(torch.jit.load(str(out)).inlined_graph).count("aten::batch_norm")
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in dsnet.export_subnet(model, 0.5).modules())
+    assert counts == {False: 0, True: bns} and bns > 30
+
+
 def test_timm_export_loads_strictly_into_timm_mobilenetv2(imagenet_checkpoint, tmp_path, capsys):
     out = tmp_path / "mobilenetv2_050.pth"
     assert main(["--checkpoint", str(imagenet_checkpoint), "--width", "0.5", "--format", "timm",
@@ -142,7 +167,7 @@ def test_custom_plan_exports_after_bn_recalibration(digits_checkpoint, custom_pl
     plan, plan_file = custom_plan
     out = tmp_path / "subnet.torchscript"
     assert main(["--checkpoint", str(digits_checkpoint), "--plan", str(plan_file), "--recalibrate-bn", "2",
-                 "--batch-size", "32", "--format", "torchscript", "--out", str(out)]) == 0
+                 "--batch-size", "32", "--format", "torchscript", "--keep-bn", "--out", str(out)]) == 0
     # The same recalibration by hand: the checkpoint's training data, the same seeded batches.
     model = load_supernet(digits_checkpoint)
     config = load_checkpoint(digits_checkpoint)["config"]
