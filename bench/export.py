@@ -21,7 +21,8 @@ import timm
 import torch
 
 import dsnet
-from dsnet.export import DEFAULT_OPSET, TIMM_MODELS, fold_batch_norms, write_export
+from dsnet.export import DEFAULT_OPSET, fold_batch_norms, write_export
+from dsnet.mobilenetv2 import TIMM_MODELS
 from dsnet.timing import median_seconds
 
 

@@ -40,6 +40,9 @@ KEYS: tuple[Key, ...] = (
     Key("overwrite", False, "allow writing into an output directory that holds another run"),
     Key("init", None, "stage II: the stage-I checkpoint to start from; its model and data keys are the defaults",
         str),
+    Key("init_timm", None, "stage I: start from a timm MobileNetV2's weights, a state-dict file or a name "
+        "(mobilenetv2_100, ...; downloaded where a model hub can be reached); needs the full depth, no small-input "
+        "stem and widths ending at its width; another number of classes re-initialises the classifier", str),
     Key("seed", 0, "seed of weights, data order, augmentation and sampled widths", NON_NEGATIVE_INT),
     Key("device", None, "cpu, cuda, cuda:1, ... (default: cuda when available)", str),
     # data

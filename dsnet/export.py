@@ -25,7 +25,7 @@ from .cli_inputs import (add_checkpoint_args, add_data_args, check_output_path, 
                          training_data_options)
 from .data import calibration_batches
 from .madds import count_madds, count_params
-from .mobilenetv2 import DSMobileNetV2, SupernetConfig
+from .mobilenetv2 import TIMM_MODELS, DSMobileNetV2, SupernetConfig
 from .plans import load_plan
 from .widths import WidthPlan
 
@@ -68,8 +68,6 @@ def fold_batch_norms(dense: nn.Module) -> nn.Module:
 FORMATS = ("torchscript", "onnx", "timm", "pt")
 FOLDED = ("torchscript", "onnx")  # the formats whose files are run as they are, and so fold BN by default
 TOLERANCES = {"torchscript": 1e-5, "pt": 1e-5, "timm": 1e-5, "onnx": 1e-4}
-TIMM_MODELS = {0.35: "mobilenetv2_035", 0.5: "mobilenetv2_050", 0.75: "mobilenetv2_075", 1.0: "mobilenetv2_100",
-               1.4: "mobilenetv2_140"}
 DEFAULT_OPSET = 17
 ONNX_OPSETS = (7, 20)  # the opsets torch.onnx.export(dynamo=False) writes
 CHECK_BATCH = 3  # differs from the traced batch of 1, so the check also proves the batch axis is dynamic

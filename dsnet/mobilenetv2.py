@@ -29,6 +29,9 @@ from .widths import ResolvesWidths, WidthPlan
 MOBILENETV2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                       (6, 320, 1, 1))
 DEFAULT_WIDTHS = tuple(round(0.35 + 0.05 * i, 2) for i in range(14))
+# The widths timm registers a MobileNetV2 of, at this layout (stem 32, head 1280, depth 1).
+TIMM_MODELS = {0.35: "mobilenetv2_035", 0.5: "mobilenetv2_050", 0.75: "mobilenetv2_075", 1.0: "mobilenetv2_100",
+               1.4: "mobilenetv2_140"}
 
 
 @dataclass

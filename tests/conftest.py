@@ -52,7 +52,7 @@ def randomize_bn(model: torch.nn.Module) -> None:
     """Give every BN distinct affine and statistics so a wrong slice or slot cannot go unnoticed."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, dsnet.slim.SlimBatchNorm2d):
+            if isinstance(module, (dsnet.slim.SlimBatchNorm2d, torch.nn.BatchNorm2d)):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.2, 0.2)
                 module.running_mean.uniform_(-0.2, 0.2)
