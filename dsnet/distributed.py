@@ -92,7 +92,7 @@ class Distributed:
             except Exception:  # noqa: BLE001 - the store may be gone with the run
                 pass
 
-    def missing_ranks(self, wait_s: float = 10.0) -> dict[int, str | None]:
+    def missing_ranks(self, wait_s: float = 5.0) -> dict[int, str | None]:
         """After a collective failed: the processes that do not answer a roll call within `wait_s`, each with
         what it reported before it ended (None: nothing, e.g. killed)."""
         store = self._store(timeout_s=wait_s)

@@ -10,6 +10,7 @@ each BatchNorm is folded into the convolution before it, as deployment tools do,
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"the reloaded {args.format} export differs from the supernet by {diff:.3g} "
                             f"(tolerance {tolerance:.3g}); nothing written")
     print(f"wrote {args.out} ({args.format})")
+    if args.format == "pt":
+        print("warning: a pt file is a pickle, and loading it (torch.load(..., weights_only=False)) runs the code "
+              "it holds: load only files you wrote; share torchscript or onnx", file=sys.stderr)
     print(f"check: reloaded file vs supernet on {CHECK_BATCH} random inputs: max abs diff {diff:.3g} "
           f"(tolerance {tolerance:.3g})")
     if timm_name is not None:

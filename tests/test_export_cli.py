@@ -74,7 +74,9 @@ def fails_in_one_line(argv, capsys):
 def test_each_format_reloads_to_the_supernet_output(digits_checkpoint, tmp_path, capsys, fmt):
     out = tmp_path / f"subnet.{fmt}"
     assert main(["--checkpoint", str(digits_checkpoint), "--width", "0.5", "--format", fmt, "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert ("warning: a pt file is a pickle" in captured.err) == (fmt == "pt")
     model = load_supernet(digits_checkpoint)
     x = digits_input()
     with torch.no_grad():
@@ -255,7 +257,8 @@ def test_command_line_pickles_the_package_classes(digits_checkpoint, tmp_path):
     result = subprocess.run([sys.executable, "-m", "dsnet.export", "--checkpoint", str(digits_checkpoint),
                              "--width", "0.35", "--format", "pt", "--out", str(out)],
                             capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.returncode == 0 and result.stderr.startswith("warning: a pt file is a pickle"), result.stderr
+    assert result.stderr.count("\n") == 1
     dense = torch.load(out, weights_only=False)
     assert type(dense.blocks[2][1]).__module__ == "dsnet.export"  # a residual block, not a class of __main__
     x = digits_input()

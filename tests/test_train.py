@@ -1,4 +1,5 @@
-"""The stage-I trainer end to end on digits: EMA, resume, distributed, NaN, bad input."""
+"""The stage-I trainer end to end on digits: EMA, resume, preemption, NaN, bad input (several processes:
+tests/test_distributed.py)."""
 import copy
 import os
 import subprocess
@@ -78,12 +79,38 @@ def test_a_single_width_trains_on_the_labels_alone(tmp_path):
     assert result.total == pytest.approx(expected, abs=1e-5)
 
 
-def test_resume_is_exact(tmp_path):
-    # One random width per step (not two) and two validated widths to keep the test short; the sampled widths still
-    # depend on the step.
-    short = ["--epochs", "2", "--num-random-widths", "1", "--val-widths", "0.35", "1.0"]
-    straight = make_trainer(tmp_path, *short, name="straight")
-    straight.run()
+# One random width per step (not two) and two validated widths to keep the runs short; the sampled widths still
+# depend on the step.
+SHORT = ["--epochs", "2", "--num-random-widths", "1", "--val-widths", "0.35", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """Two epochs without a stop, what every resumed run must end with; it also writes a mid-epoch last.pth every 2
+    steps (--save-every-steps), each kept as stepN.pth beside the run."""
+    import shutil
+
+    import dsnet.trainer
+
+    folder = tmp_path_factory.mktemp("straight")
+    save = dsnet.trainer.save_checkpoint
+
+    def keep_mid_epoch_copies(path, state):
+        save(path, state)
+        if state["position"] is not None and path.name == "last.pth":
+            shutil.copy(path, folder / f"step{state['step']}.pth")
+
+    dsnet.trainer.save_checkpoint = keep_mid_epoch_copies
+    try:
+        make_trainer(folder, *SHORT, "--save-every-steps", "2", name="run").run()
+    finally:
+        dsnet.trainer.save_checkpoint = save
+    return folder
+
+
+@pytest.mark.xdist_group("straight_run")
+def test_resume_is_exact(tmp_path, straight_run):
+    short = SHORT
     first = make_trainer(tmp_path, *short, "--epoch-limit", "1", name="split")
     first.run()
     assert load_checkpoint(tmp_path / "split" / "last.pth")["epoch"] == 0
@@ -91,7 +118,7 @@ def test_resume_is_exact(tmp_path):
     resumed = Trainer(config, explicit)
     assert resumed.start_epoch == 1
     resumed.run()
-    a = load_checkpoint(tmp_path / "straight" / "last.pth")
+    a = load_checkpoint(straight_run / "run" / "last.pth")
     b = load_checkpoint(tmp_path / "split" / "last.pth")
     assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"]
     for part in ("model", "ema"):
@@ -113,29 +140,17 @@ def assert_same_weights(a, b):
                 assert x == y, part
 
 
+@pytest.mark.xdist_group("straight_run")
 def test_sigterm_mid_epoch_saves_and_the_resumed_run_ends_where_the_straight_one_does(tmp_path, monkeypatch,
-                                                                                       capsys):
-    """A straight run writing mid-epoch checkpoints (--save-every-steps), and one stopped by SIGTERM inside its second
-    epoch: resumed, it ends with the straight run's weights, EMA and optimizer state."""
-    import shutil
+                                                                                       capsys, straight_run):
+    """The straight run wrote mid-epoch checkpoints (--save-every-steps); a run stopped by SIGTERM inside its second
+    epoch, resumed, ends with the straight run's weights, EMA and optimizer state."""
     import signal
 
-    import dsnet.trainer
-
-    short = ["--epochs", "2", "--batch-size", "256", "--num-random-widths", "1", "--val-widths", "0.35", "1.0"]
-    per_epoch = 1437 // 256
-    copies = []
-    save = dsnet.trainer.save_checkpoint
-
-    def keep_mid_epoch_copies(path, state):
-        save(path, state)
-        if state["position"] is not None and path.name == "last.pth":
-            copies.append(shutil.copy(path, tmp_path / f"step{state['step']}.pth"))
-
-    monkeypatch.setattr(dsnet.trainer, "save_checkpoint", keep_mid_epoch_copies)
-    make_trainer(tmp_path, *short, "--save-every-steps", "2", name="straight").run()
-    assert [Path(c).name for c in copies] == ["step2.pth", "step4.pth", "step6.pth", "step8.pth"]
-    monkeypatch.setattr(dsnet.trainer, "save_checkpoint", save)
+    short = SHORT
+    per_epoch = 1437 // 256  # TINY's batch size
+    assert sorted(p.name for p in straight_run.glob("step*.pth")) == ["step2.pth", "step4.pth", "step6.pth",
+                                                                      "step8.pth"]
 
     stop_at = per_epoch + 2  # the signal arrives during the third step of the second epoch
     train_step = Trainer.train_step
@@ -154,7 +169,7 @@ def test_sigterm_mid_epoch_saves_and_the_resumed_run_ends_where_the_straight_one
     assert stopped["step"] == stop_at and stopped["position"]["epoch"] == 1 and stopped["position"]["batch"] == 2
     assert stopped["epoch"] == 0 and len(stopped["summary"]) == 1
 
-    straight = load_checkpoint(tmp_path / "straight" / "last.pth")
+    straight = load_checkpoint(straight_run / "run" / "last.pth")
     config, explicit = parse_config(["--resume", str(tmp_path / "stopped" / "last.pth")])
     resumed = Trainer(config, explicit)
     assert resumed.start_epoch == 1
@@ -164,7 +179,7 @@ def test_sigterm_mid_epoch_saves_and_the_resumed_run_ends_where_the_straight_one
     assert_same_weights(ended, straight)
     assert len(ended["summary"]) == 2
     assert ended["summary"][-1]["train_loss"] == pytest.approx(straight["summary"][-1]["train_loss"], rel=1e-6)
-    mid_epoch = load_checkpoint(tmp_path / "step4.pth")
+    mid_epoch = load_checkpoint(straight_run / "step4.pth")
     assert mid_epoch["position"]["batch"] == 4 and mid_epoch["epoch"] == -1
 
 
@@ -282,165 +297,6 @@ def test_corrupt_resume_file_and_occupied_output_are_refused(tmp_path, capsys):
     assert code == 2 and "holds another run" in err and err.count("\n") == 1
     assert torch.equal(load_checkpoint(last)["model"]["conv_stem.weight"],
                        torch.load(last, weights_only=False)["model"]["conv_stem.weight"])
-
-
-DDP_WORKER = """
-import os, sys, torch
-from dsnet.config import parse_config
-from dsnet.trainer import Trainer
-trainer = Trainer(*parse_config(sys.argv[1:]))
-trainer.run()
-torch.save(trainer.model.state_dict(), os.environ["DUMP_PREFIX"] + "-rank" + os.environ["RANK"] + ".pt")
-"""
-
-
-def torchrun(worker, port, out, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                             str(port), str(worker), *args, "--output", str(out)],
-                            cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
-
-
-def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
-    """Stage I, then stage II from its checkpoint, each a 2-process run: identical weights on both ranks, logs and
-    files from rank 0 only."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(DDP_WORKER)
-    out, gate = tmp_path / "ddp", tmp_path / "ddp-gate"
-    runs = [torchrun(worker, 29517, out, *TINY, "--epochs", "1"),
-            torchrun(worker, 29518, gate, "--stage", "gate", "--init", out / "best.pth", "--epochs", "1",
-                     "--batch-size", "256", "--gate-calibration-batches", "2", "--warmup-epochs", "0",
-                     "--log-interval", "1000")]
-    for result, run in zip(runs, (out, gate)):
-        rank0 = torch.load(f"{run}-rank0.pt")
-        rank1 = torch.load(f"{run}-rank1.pt")
-        for key in rank0:
-            assert torch.equal(rank0[key], rank1[key]), (run.name, key)
-        assert result.stdout.count("epoch 1/1") == 1  # the epoch line comes from rank 0 only
-        assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events")) == \
-            ["args.yaml", "best.pth", "last.pth", "summary.csv"]
-    assert "gate.slimming.weight" in rank0  # the second run trained the gated network
-
-
-STOPPABLE_WORKER = """
-import json, os, sys
-from dsnet.config import parse_config
-from dsnet.trainer import Trainer
-trainer = Trainer(*parse_config(sys.argv[1:]))
-trainer.run()
-with open(os.environ["DUMP_PREFIX"] + "-rank" + os.environ["RANK"] + ".json", "w") as f:
-    json.dump({"step": trainer.step, "stopped_by": trainer.stopped_by}, f)
-sys.exit(0 if trainer.stopped_by is None else 128 + trainer.stopped_by)
-"""
-
-
-def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(tmp_path):
-    """torchrun passes SIGTERM on to both processes, which receive it at different moments: they agree on the step
-    to stop after, rank 0 saves it, and both exit."""
-    import json
-    import signal
-    import time
-
-    worker = tmp_path / "worker.py"
-    worker.write_text(STOPPABLE_WORKER)
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out)}
-    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                               "29519", str(worker), *TINY, "--batch-size", "32", "--epochs", "3",
-                               "--save-every-steps", "2", "--output", str(out)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while not (out / "last.pth").exists() and launch.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    launch.send_signal(signal.SIGTERM)
-    stdout, stderr = launch.communicate(timeout=60)
-    assert launch.returncode != 0
-    ranks = [json.loads((tmp_path / f"ddp-rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1] and ranks[0]["stopped_by"] == signal.SIGTERM, (ranks, stderr[-2000:])
-    state = load_checkpoint(out / "last.pth")
-    assert state["step"] == ranks[0]["step"] and state["position"] is not None and state["position"]["world_size"] == 2
-    assert f"step {ranks[0]['step']}; continue with: python train.py --resume" in stdout
-
-
-FAULTY_WORKER = """
-import os, sys
-from dsnet.cli import run_main
-from dsnet.train import main
-rank, fault = int(os.environ["RANK"]), os.environ["FAULT"]
-open(os.environ["DUMP_PREFIX"] + "-pid" + str(rank), "w").write(str(os.getpid()))
-argv = sys.argv[1:]
-if rank == 1 and fault == "widths":
-    argv += ["--widths", "0.5", "1.0"]
-run_main(main, argv)
-"""
-
-
-def launch_faulty(tmp_path, fault, port):
-    import time
-
-    worker = tmp_path / "worker.py"
-    worker.write_text(FAULTY_WORKER)
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out), "FAULT": fault}
-    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                               str(port), str(worker), *TINY, "--batch-size", "32", "--epochs", "3",
-                               "--save-every-steps", "2", "--output", str(out)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return launch, out, time.monotonic()
-
-
-def test_a_killed_rank_ends_the_run_with_a_message_that_names_it(tmp_path):
-    import signal
-    import time
-
-    launch, out, start = launch_faulty(tmp_path, "none", 29520)
-    while not (out / "last.pth").exists() and launch.poll() is None and time.monotonic() < start + 120:
-        time.sleep(0.2)
-    os.kill(int((tmp_path / "ddp-pid1").read_text()), signal.SIGKILL)
-    start = time.monotonic()
-    _, stderr = launch.communicate(timeout=60)
-    assert launch.returncode != 0 and time.monotonic() - start < 60
-    assert "error: rank 1 ended without a message (killed?); rank 0 stops too" in stderr.splitlines(), stderr[-3000:]
-
-
-def test_the_roll_call_names_the_missing_rank_and_what_it_said(monkeypatch):
-    """The roll call the processes of a failed run take (in the key-value store torchrun holds; here a store of
-    the test's own): a rank that reported its error is named with it, one that never answers as killed."""
-    import datetime
-    import socket
-
-    import torch.distributed as dist
-
-    from dsnet.distributed import Distributed
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=10))
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    from dsnet.errors import UserError
-
-    Distributed(rank=1, world_size=3).fail_loudly(UserError("cannot read image 'x.jpg': Truncated File Read"))
-    assert Distributed(rank=0, world_size=3).missing_ranks(wait_s=1.0) == {
-        1: "cannot read image 'x.jpg': Truncated File Read", 2: None}
-    store.set("dsnet/0/alive/2", "1")  # rank 2 answers after all
-    with pytest.raises(UserError) as info:
-        Distributed(rank=0, world_size=3).fail_loudly(RuntimeError("[gloo/tcp/pair.cc:561] Connection closed by peer"))
-    assert str(info.value) == "rank 1 failed: cannot read image 'x.jpg': Truncated File Read; rank 0 stops too"
-    Distributed(rank=0, world_size=3).fail_loudly(ValueError("not a collective"))  # left to the caller to raise
-
-
-def test_ranks_given_different_configs_are_refused_at_start(tmp_path):
-    launch, out, _ = launch_faulty(tmp_path, "widths", 29522)
-    _, stderr = launch.communicate(timeout=120)
-    assert launch.returncode != 0
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert lines and lines[0].startswith("error: rank ") and "widths is [0." in lines[0], stderr[-3000:]
-    assert "start every process with the same flags" in lines[0]
-    assert not (out / "last.pth").exists()
 
 
 def test_speed_options_train_a_supernet_that_equals_its_export(tmp_path):
