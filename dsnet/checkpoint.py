@@ -65,16 +65,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 _RECONSTRUCT = np.array(0).__reduce__()[0]
 _NUMPY_ARRAY = [(_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
                 (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+_NUMPY_ARRAY_NAMES = {o[1] if isinstance(o, tuple) else f"{o.__module__}.{o.__qualname__}" for o in _NUMPY_ARRAY}
 
 
 def _load_version_1(path: Path, map_location, refusal: pickle.UnpicklingError) -> dict[str, Any]:
     """A file the weights-only load refused: read it only if NumPy's array type is all it needs beyond that."""
-    names = {f"{o[1] if isinstance(o, tuple) else o.__module__ + '.' + o.__qualname__}" for o in _NUMPY_ARRAY}
     try:
         needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))  # reads the names, runs nothing
     except Exception:  # noqa: BLE001 - not a readable torch file: report the refusal
         needed = {"?"}
-    if not needed <= names:
+    if not needed <= _NUMPY_ARRAY_NAMES:
         raise UserError(f"checkpoint {str(path)!r} holds objects other than tensors, numbers and strings "
                         f"({_first_line(refusal)}), and loading it could run code: refused") from None
     try:

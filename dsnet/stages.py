@@ -26,7 +26,7 @@ from .madds import count_madds
 from .metrics import batch_sums, metric_sums, summarize
 from .mobilenetv2 import DSMobileNetV2, SupernetConfig
 from .sandwich import random_stage_plans, sandwich_step, sandwich_widths
-from .timm_import import from_timm, load_timm_weights
+from .timm_import import supernet_from_timm
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -52,17 +52,6 @@ def width_label(width: float) -> str:
 
 
 # ---- stage I: the supernet ----------------------------------------------------------------------------------------
-
-
-def supernet_from_timm(name_or_file: str, config: dict[str, Any]) -> DSMobileNetV2:
-    """Stage I's start from timm weights (`--init-timm`), saying so when the classifier is re-initialised."""
-    state = load_timm_weights(name_or_file)
-    model = from_timm(state, **config)
-    timm_classes = state["classifier.weight"].shape[0]
-    if timm_classes != config["num_classes"]:
-        print(f"--init-timm: classifier re-initialised ({timm_classes} classes in the timm weights, "
-              f"{config['num_classes']} here)")
-    return model
 
 
 def resolve_val_widths(config: dict, widths: tuple[float, ...]) -> list[float]:
@@ -102,11 +91,10 @@ class SupernetStage:
     def build_model(self, num_classes: int, device: torch.device, resume_state: dict | None) -> DSMobileNetV2:
         recorded = (resume_state or {}).get("model_config")  # a resumed run rebuilds the supernet it saved
         if self.config["init_timm"] and not recorded:
-            self.model = supernet_from_timm(self.config["init_timm"], model_config(self.config, num_classes))
+            model = supernet_from_timm(self.config["init_timm"], model_config(self.config, num_classes))
         else:
-            self.model = DSMobileNetV2(SupernetConfig.from_dict(recorded or model_config(self.config, num_classes)))
-        self.model_config = self.model.config
-        self.model = self.model.to(device)
+            model = DSMobileNetV2(SupernetConfig.from_dict(recorded or model_config(self.config, num_classes)))
+        self.model, self.model_config = model.to(device), model.config
         self.widths = self.model.widths
         self.val_widths = resolve_val_widths(self.config, self.widths)
         return self.model

@@ -91,3 +91,15 @@ def load_timm_weights(name_or_file: str) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot download timm's pretrained {name_or_file} here "
                         f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); pass its weights "
                         "as a state-dict file to --init-timm") from None
+
+
+def supernet_from_timm(name_or_file: str, config: dict[str, Any]) -> DSMobileNetV2:
+    """`--init-timm`: the supernet of run config `config` (a `model_config`) from timm weights, saying so when the
+    classifier is re-initialised."""
+    state = load_timm_weights(name_or_file)
+    model = from_timm(state, **config)
+    timm_classes = state["classifier.weight"].shape[0]
+    if timm_classes != config["num_classes"]:
+        print(f"--init-timm: classifier re-initialised ({timm_classes} classes in the timm weights, "
+              f"{config['num_classes']} here)")
+    return model
