@@ -14,17 +14,28 @@ repeat after a warm-up, their order reversing every other repeat; each figure is
   control shows what batch size alone does here: the widest route's dense subnet on the whole batch against the
   same images in groups of the same sizes.
 
+- With --exported, the whole gated network as `python -m dsnet.export` writes it (BN folded), at batch 1: the
+  torch.export program and the TorchScript module against their own parts called from Python (trunk, gate, the
+  route's dense tail). Target: ratio ≤ 1.05. Also the realized speed-up of the narrowest route against the widest
+  (the exported network on an input of each), next to their MAdds ratio.
+
     python bench/dynamic.py [--img-size 224] [--threads 2] [--device cuda] [--repeats 15] [--system-malloc]
+                            [--exported]
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
+import warnings
+from pathlib import Path
 
 import torch
 
 import dsnet
 from dsnet.cpu_memory import keep_freed_memory
+from dsnet.dense_gated import export_gated, fold_gated, save_torch_export
 from dsnet.gate import GateConfig, GatedDSNet, default_routes, insert_gate
+from dsnet.export import fold_batch_norms
 from dsnet.timing import median_seconds
 
 from device import add_device_args, describe, setup_device
@@ -60,6 +71,8 @@ def main() -> None:
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc returning freed memory to the OS; by default it keeps it, as "
                              "eval.py and train.py do")
+    parser.add_argument("--exported", action="store_true",
+                        help="also time the exported gated network (torch.export and TorchScript) at batch 1")
     args = parser.parse_args()
     device = setup_device(parser, args)
     kept = not args.system_malloc and keep_freed_memory()
@@ -115,6 +128,39 @@ def main() -> None:
     print(f"max batch-1 ratio {worst:.3f} (target ≤ 1.05)")
     print(f"mixed-batch throughput vs ideal {ideal_s / dynamic_s:.3f} (target ≥ 0.9); with the ideal scaled by the "
           f"batch-size effect {ideal_s * whole_s / grouped_s / dynamic_s:.3f}")
+    if args.exported:
+        time_exported(gated, pool, pool_routes, madds, args, device)
+
+
+def time_exported(gated: GatedDSNet, pool: torch.Tensor, pool_routes: torch.Tensor, madds: torch.Tensor, args,
+                  device: torch.device) -> None:
+    dense = fold_gated(export_gated(gated), fold_batch_norms).to(device)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_torch_export(dense, pool[:2], Path(tmp) / "gated.pt2")
+        program = torch.export.load(str(Path(tmp) / "gated.pt2")).module()
+        torch.jit.save(torch.jit.script(dense), str(Path(tmp) / "gated.torchscript"))
+        scripted = torch.jit.load(str(Path(tmp) / "gated.torchscript"), map_location=device)
+    print(f"\nexported gated network at batch 1 (BN folded), against its parts called from Python")
+    print(f"{'route':>6} {'export ms':>10} {'script ms':>10} {'parts ms':>9} {'export/parts':>13} {'script/parts':>13}")
+    worst, seconds = {"export": 0.0, "script": 0.0}, {}
+    narrow, wide = 0, len(dense.tails) - 1
+    for route in (narrow, wide):
+        x = pool[pool_routes == route][:1]
+        tail = dense.tails[route]
+        export_s, script_s, parts_s = median_seconds(
+            [lambda: program(x), lambda: scripted(x), lambda: tail(dense.gate(dense.trunk(x))[0])],
+            args.repeats, args.warmup, device)
+        worst = {"export": max(worst["export"], export_s / parts_s), "script": max(worst["script"], script_s / parts_s)}
+        seconds[route] = {"export": export_s, "script": script_s}
+        print(f"{gated.route_widths[route]:>6g} {export_s * 1e3:>10.2f} {script_s * 1e3:>10.2f} {parts_s * 1e3:>9.2f} "
+              f"{export_s / parts_s:>13.3f} {script_s / parts_s:>13.3f}", flush=True)
+    print(f"max exported/parts ratio: torch.export {worst['export']:.3f}, TorchScript {worst['script']:.3f} "
+          "(target ≤ 1.05)")
+    speedup = {k: seconds[wide][k] / seconds[narrow][k] for k in ("export", "script")}
+    print(f"realized speed-up of route {gated.route_widths[narrow]:g} over {gated.route_widths[wide]:g} at batch 1: "
+          f"torch.export {speedup['export']:.2f}×, TorchScript {speedup['script']:.2f}×; MAdds ratio "
+          f"{madds[wide] / madds[narrow]:.2f}×")
 
 
 if __name__ == "__main__":

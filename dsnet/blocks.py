@@ -104,8 +104,20 @@ class SlimBlock(nn.Module):
         """The BN after the projection: the one layer of the block at the output width."""
         raise NotImplementedError
 
-    def dense_layers(self, widths: tuple[int, ...], slot: int) -> OrderedDict[str, nn.Module]:
+    def dense_hidden(self, widths: tuple[int, ...], slot: int) -> OrderedDict[str, nn.Module]:
+        """The dense layers `hidden_features` runs."""
         raise NotImplementedError
+
+    def dense_projection(self, widths: tuple[int, ...], slot: int) -> OrderedDict[str, nn.Module]:
+        """The dense layers `project` runs."""
+        raise NotImplementedError
+
+    def dense_layers(self, widths: tuple[int, ...], slot: int) -> OrderedDict[str, nn.Module]:
+        layers = self.dense_hidden(widths, slot)
+        if self.se is not None:
+            layers["se"] = self.se.export(widths[1], widths[3])
+        layers.update(self.dense_projection(widths, slot))
+        return layers
 
     def export(self, widths: tuple[int, ...], slot: int) -> nn.Module:
         """The block at `widths` as dense layers, with the BN statistics of `slot`."""
@@ -139,15 +151,14 @@ class DepthwiseSeparable(SlimBlock):
     def projection_norm(self):
         return self.bn2
 
-    def dense_layers(self, widths, slot):
-        cin, _, cout, se = widths
-        layers = OrderedDict(conv_dw=self.conv_dw.export(cin, cin), bn1=self.bn1.export(cin, slot),
-                             act1=nn.ReLU6(inplace=True))
-        if self.se is not None:
-            layers["se"] = self.se.export(cin, se)
-        layers["conv_pw"] = self.conv_pw.export(cin, cout)
-        layers["bn2"] = self.bn2.export(cout, slot)
-        return layers
+    def dense_hidden(self, widths, slot):
+        cin = widths[0]
+        return OrderedDict(conv_dw=self.conv_dw.export(cin, cin), bn1=self.bn1.export(cin, slot),
+                           act1=nn.ReLU6(inplace=True))
+
+    def dense_projection(self, widths, slot):
+        cin, _, cout = widths[:3]
+        return OrderedDict(conv_pw=self.conv_pw.export(cin, cout), bn2=self.bn2.export(cout, slot))
 
     def costs(self, widths, costs):
         cin, _, cout, se = widths
@@ -186,16 +197,15 @@ class InvertedResidual(SlimBlock):
     def projection_norm(self):
         return self.bn3
 
-    def dense_layers(self, widths, slot):
-        cin, hidden, cout, se = widths
-        layers = OrderedDict(conv_pw=self.conv_pw.export(cin, hidden), bn1=self.bn1.export(hidden, slot),
-                             act1=nn.ReLU6(inplace=True), conv_dw=self.conv_dw.export(hidden, hidden),
-                             bn2=self.bn2.export(hidden, slot), act2=nn.ReLU6(inplace=True))
-        if self.se is not None:
-            layers["se"] = self.se.export(hidden, se)
-        layers["conv_pwl"] = self.conv_pwl.export(hidden, cout)
-        layers["bn3"] = self.bn3.export(cout, slot)
-        return layers
+    def dense_hidden(self, widths, slot):
+        cin, hidden = widths[:2]
+        return OrderedDict(conv_pw=self.conv_pw.export(cin, hidden), bn1=self.bn1.export(hidden, slot),
+                           act1=nn.ReLU6(inplace=True), conv_dw=self.conv_dw.export(hidden, hidden),
+                           bn2=self.bn2.export(hidden, slot), act2=nn.ReLU6(inplace=True))
+
+    def dense_projection(self, widths, slot):
+        _, hidden, cout = widths[:3]
+        return OrderedDict(conv_pwl=self.conv_pwl.export(hidden, cout), bn3=self.bn3.export(cout, slot))
 
     def costs(self, widths, costs):
         cin, hidden, cout, se = widths

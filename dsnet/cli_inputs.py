@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import gated_network_from_checkpoint, load_checkpoint, supernet_from_checkpoint
+from .checkpoint import (gated_network_from_checkpoint, load_checkpoint, network_from_checkpoint,
+                         supernet_from_checkpoint)
 from .config import recorded_config
 from .errors import UserError
 from .data import DATASETS, DataOptions
@@ -55,16 +56,18 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def open_checkpoint(path: str, weights: str | None, gated: bool = False
+def open_checkpoint(path: str, weights: str | None, gated: bool | None = False
                     ) -> tuple[dict[str, Any], DSMobileNetV2 | GatedDSNet, str]:
     """The checkpoint's state, its network (eval mode, on CPU) and the name of the weights used. The network is the
-    supernet, or with `gated` the gated network of a stage-II checkpoint."""
+    supernet, with `gated` the gated network of a stage-II checkpoint, with ``gated=None`` whichever it holds."""
     state = load_checkpoint(path)
     has_ema = state.get("ema") is not None
     if weights is None:
         weights = "ema" if has_ema else "model"
     elif weights == "ema" and not has_ema:
         raise UserError(f"checkpoint {path!r} holds no EMA weights; use --weights model")
+    if gated is None:
+        return state, network_from_checkpoint(state, weights), weights
     if gated:
         return state, gated_network_from_checkpoint(state, weights), weights
     return state, supernet_from_checkpoint(state, weights), weights

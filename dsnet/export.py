@@ -3,9 +3,11 @@
 The dense network is built of standard layers only (plus `Residual`, a `nn.Sequential` that adds its input), with
 timm's module names, so its state dict loads into timm's `mobilenetv2_*` model of the same width as it is.
 
-`python -m dsnet.export` writes one width of a checkpoint's supernet as TorchScript, ONNX, a timm state dict or a
-pickled module, then reloads the file and checks its output against the supernet's. In the TorchScript and ONNX files
-each BatchNorm is folded into the convolution before it, as deployment tools do, unless `--keep-bn`.
+`python -m dsnet.export` writes one width of a checkpoint's supernet as a `torch.export` program, TorchScript, ONNX, a
+timm state dict or a pickled module, then reloads the file and checks its output against the supernet's. Without a
+width it writes the whole gated network of a stage-II checkpoint, routing inside (`dense_gated.py`). In the files
+that are run as they are, each BatchNorm is folded into the convolution before it, as deployment tools do, unless
+`--keep-bn`.
 """
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ import torch.nn as nn
 from .bn_slots import recalibrate_bn
 from .cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser, Number, run_main
 from .errors import UserError
-from .files import atomic_path
+from .files import atomic_directory, atomic_path, check_new_directory
 from .cli_inputs import (add_checkpoint_args, add_data_args, check_output_path, input_size, open_checkpoint,
                          training_data_options)
 from .data import calibration_batches
+from .dense_gated import export_gated, fold_gated, run_onnx_routes, save_torch_export, write_onnx_routes
+from .gate import GatedDSNet
 from .madds import count_madds, count_params
 from .mobilenetv2 import TIMM_MODELS, DSMobileNetV2, SupernetConfig
 from .plans import load_plan
@@ -66,12 +70,15 @@ def fold_batch_norms(dense: nn.Module) -> nn.Module:
 
 # ---- command line: python -m dsnet.export -----------------------------------------------------------------------
 
-FORMATS = ("torchscript", "onnx", "timm", "pt")
-FOLDED = ("torchscript", "onnx")  # the formats whose files are run as they are, and so fold BN by default
-TOLERANCES = {"torchscript": 1e-5, "pt": 1e-5, "timm": 1e-5, "onnx": 1e-4}
+FORMATS = ("export", "torchscript", "onnx", "timm", "pt")
+FOLDED = ("export", "torchscript", "onnx")  # the formats whose files are run as they are, and so fold BN by default
+TOLERANCES = {"export": 1e-5, "torchscript": 1e-5, "pt": 1e-5, "timm": 1e-5, "onnx": 1e-4}
 DEFAULT_OPSET = 17
 ONNX_OPSETS = (7, 20)  # the opsets torch.onnx.export(dynamo=False) writes
-CHECK_BATCH = 3  # differs from the traced batch of 1, so the check also proves the batch axis is dynamic
+EXAMPLE_BATCH = 2  # torch.export takes a batch of 1 for a constant
+PT_WARNING = ("warning: a pt file is a pickle, and loading it (torch.load(..., weights_only=False)) runs the code "
+              "it holds: load only files you wrote; share export, torchscript or onnx")
+CHECK_BATCH = 3  # differs from the traced batch, so the check also proves the batch axis is dynamic
 
 
 def resolve_export_width(model: DSMobileNetV2, width: float | None, plan_file: str | None) -> WidthPlan:
@@ -125,7 +132,9 @@ def prepare_bn_statistics(model: DSMobileNetV2, plan: WidthPlan, state: dict[str
 
 def write_export(fmt: str, dense: nn.Module, example: torch.Tensor, path: Path, opset: int,
                  keep_bn: bool = False) -> None:
-    if fmt == "torchscript":
+    if fmt == "export":
+        save_torch_export(dense, example, path)
+    elif fmt == "torchscript":
         torch.jit.save(torch.jit.trace(dense, example), str(path))
     elif fmt == "onnx":
         # torch.onnx folds an eval-mode BatchNorm into its convolution by itself; PRESERVE exports it as it is.
@@ -142,6 +151,8 @@ def write_export(fmt: str, dense: nn.Module, example: torch.Tensor, path: Path, 
 @torch.no_grad()
 def run_export(fmt: str, path: Path, x: torch.Tensor, timm_name: str | None, num_classes: int) -> torch.Tensor:
     """Load a written export the way its user would, and run it on `x`."""
+    if fmt == "export":
+        return torch.export.load(str(path)).module()(x)
     if fmt == "torchscript":
         return torch.jit.load(str(path))(x)
     if fmt == "onnx":
@@ -164,24 +175,30 @@ def run_export(fmt: str, path: Path, x: torch.Tensor, timm_name: str | None, num
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m dsnet.export",
-        description="Export one width of a trained supernet as a dense network (TorchScript, ONNX, a timm "
-                    "MobileNetV2 state dict, or a pickled torch.nn module), then reload the written file and check "
-                    "its output against the supernet's.")
+        description="Export one width of a trained supernet as a dense network (a torch.export program, "
+                    "TorchScript, ONNX, a timm MobileNetV2 state dict, or a pickled torch.nn module), or, given "
+                    "neither --width nor --plan, the whole gated network of a gate checkpoint with its routing "
+                    "inside. Then reload the written file and check its output against the checkpoint's network.")
     add_checkpoint_args(parser)
-    which = parser.add_mutually_exclusive_group(required=True)
+    which = parser.add_mutually_exclusive_group()
     which.add_argument("--width", type=float, metavar="W",
-                       help="a uniform width multiplier, one of the checkpoint's width choices")
+                       help="a uniform width multiplier, one of the checkpoint's width choices (neither this nor "
+                            "--plan: the gated network)")
     which.add_argument("--plan", metavar="FILE",
                        help="JSON or YAML file of channels per layer group (as python -m dsnet.search writes)")
     parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="torchscript: a traced module for torch.jit.load; onnx: an ONNX graph with input "
-                             "'input' and output 'logits', batch axis dynamic; timm: a state dict for timm's "
-                             "mobilenetv2_* of the same width (uniform widths of an ImageNet-layout supernet only); "
-                             "pt: the torch.nn module saved with torch.save (loading it needs dsnet)")
-    parser.add_argument("--out", required=True, metavar="PATH", help="output file; its directory must exist")
+                        help="export: a torch.export program (.pt2) for torch.export.load(PATH).module(); "
+                             "torchscript: a module for torch.jit.load; onnx: an ONNX graph with input 'input' and "
+                             "output 'logits', batch axis dynamic (the gated network: a directory of graphs, see "
+                             "docs/export.md); timm: a state dict for timm's mobilenetv2_* of the same width "
+                             "(uniform widths of an ImageNet-layout supernet only); pt: the torch.nn module saved "
+                             "with torch.save (loading it needs dsnet). The gated network's torch formats return "
+                             "(logits, routes)")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="output file (the gated network as onnx: a new directory); its parent must exist")
     parser.add_argument("--keep-bn", action="store_true",
-                        help="torchscript, onnx: keep each BatchNorm as a layer of its own (default: folded into the "
-                             "convolution before it)")
+                        help="export, torchscript, onnx: keep each BatchNorm as a layer of its own (default: folded "
+                             "into the convolution before it)")
     parser.add_argument("--recalibrate-bn", type=NON_NEGATIVE_INT, default=0, metavar="N",
                         help="re-estimate the BN statistics of the width on N training batches first; needed for a "
                              "plan that is not a width choice unless the checkpoint already holds its statistics "
@@ -196,6 +213,8 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.width is None and args.plan is None:
+        return export_gated_network(args)
     check_output_path(args.out)
 
     state, model, weights = open_checkpoint(args.checkpoint, args.weights)
@@ -213,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print("BatchNorm folded into the convolutions (--keep-bn keeps it)")
     generator = torch.Generator().manual_seed(0)
     shape = (model.config.in_chans, img_size, img_size)
-    example = torch.randn(1, *shape, generator=generator)
+    example = torch.randn(EXAMPLE_BATCH, *shape, generator=generator)
     x = torch.randn(CHECK_BATCH, *shape, generator=generator)
     with torch.no_grad():
         expected = model(x, plan)
@@ -224,19 +243,106 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")  # tracing and the TorchScript-based ONNX exporter warn of their deprecation
         write_export(args.format, dense, example, tmp, args.opset, keep_bn=args.keep_bn)
         diff = (run_export(args.format, tmp, x, timm_name, model.config.num_classes) - expected).abs().max().item()
-        if not diff <= tolerance:  # the file is removed: a failed check leaves nothing behind
-            raise UserError(f"the reloaded {args.format} export differs from the supernet by {diff:.3g} "
-                            f"(tolerance {tolerance:.3g}); nothing written")
-    print(f"wrote {args.out} ({args.format})")
-    if args.format == "pt":
-        print("warning: a pt file is a pickle, and loading it (torch.load(..., weights_only=False)) runs the code "
-              "it holds: load only files you wrote; share torchscript or onnx", file=sys.stderr)
+        refuse_unless_close(args.format, diff, tolerance, "the supernet")
+    report_written(args.out, args.format)
     print(f"check: reloaded file vs supernet on {CHECK_BATCH} random inputs: max abs diff {diff:.3g} "
           f"(tolerance {tolerance:.3g})")
     if timm_name is not None:
         print(f"timm model: {timm_name} — timm.create_model({timm_name!r}, num_classes={model.config.num_classes})"
               f".load_state_dict(torch.load({args.out!r}))")
     return 0
+
+
+def refuse_unless_close(fmt: str, diff: float, tolerance: float, reference: str) -> None:
+    """Raised inside the atomic write, the error removes the file: a failed check leaves nothing behind."""
+    if not diff <= tolerance:
+        raise UserError(f"the reloaded {fmt} export differs from {reference} by {diff:.3g} (tolerance "
+                        f"{tolerance:.3g}); nothing written")
+
+
+def report_written(out: str, fmt: str, detail: str = "") -> None:
+    print(f"wrote {out} ({fmt}{detail})")
+    if fmt == "pt":
+        print(PT_WARNING, file=sys.stderr)
+
+
+GATED_FORMATS = ("export", "torchscript", "onnx", "pt")
+
+
+def export_gated_network(args) -> int:
+    """The gated network of a gate checkpoint as one file (a directory of graphs for ONNX), checked on reload: the
+    same logits and the same route for every input, at batch 1 and on a batch."""
+    if args.format not in GATED_FORMATS:
+        raise UserError(f"a gated network has no {args.format} form: choose --format {', '.join(GATED_FORMATS)}, "
+                        "or export one width of its supernet with --width W")
+    if args.recalibrate_bn:
+        raise UserError("--recalibrate-bn recalibrates one width; the gated network exports with the routes' "
+                        "statistics its checkpoint holds")
+    onnx_directory = args.format == "onnx"
+    check_new_directory(args.out) if onnx_directory else check_output_path(args.out)
+    state, gated, weights = open_checkpoint(args.checkpoint, args.weights, gated=None)
+    if not isinstance(gated, GatedDSNet):
+        raise UserError(f"{args.checkpoint!r} is a supernet checkpoint without a gate: pass --width W or --plan FILE "
+                        "to export one width, or give a checkpoint of python train.py --stage gate")
+    net, config = gated.supernet, gated.config
+    img_size = input_size(state, net)
+    madds = gated.route_madds(img_size).tolist()
+    print(f"gated network: gate in {config.block}, layers before it at width {config.input_width:g}, {weights} "
+          "weights")
+    print("routes: " + ", ".join(f"{w:g} ({m / 1e6:.2f}M MAdds)" for w, m in zip(gated.route_widths, madds))
+          + f" at {img_size}×{img_size}")
+    try:
+        dense = export_gated(gated)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.format in FOLDED and not args.keep_bn:
+        dense = fold_gated(dense, fold_batch_norms)
+        print("BatchNorm folded into the convolutions (--keep-bn keeps it)")
+    generator = torch.Generator().manual_seed(0)
+    shape = (net.config.in_chans, img_size, img_size)
+    example = torch.randn(EXAMPLE_BATCH, *shape, generator=generator)
+    batches = [torch.randn(1, *shape, generator=generator), torch.randn(CHECK_BATCH, *shape, generator=generator)]
+    with torch.no_grad():
+        expected = [gated(x, return_info=True) for x in batches]
+    scale = max([1.0] + [logits.abs().max().item() for logits, _ in expected])
+    tolerance = TOLERANCES[args.format] * scale
+    routes_meta = [{"width": w, "madds": int(m)} for w, m in zip(gated.route_widths, madds)]
+    writing = atomic_directory(args.out) if onnx_directory else atomic_path(args.out)
+    with writing as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if args.format == "export":
+            save_torch_export(dense, example, tmp)
+        elif args.format == "torchscript":
+            torch.jit.save(torch.jit.script(dense), str(tmp))
+        elif args.format == "onnx":
+            write_onnx_routes(dense, example, tmp, args.opset, routes_meta)
+        else:
+            torch.save(dense, tmp)
+        diff = 0.0
+        for x, (logits, info) in zip(batches, expected):
+            got, routes = run_gated_export(args.format, tmp, x)
+            if not torch.equal(routes.long(), info.routes):
+                raise UserError(f"the reloaded {args.format} export routes inputs differently from the gated network "
+                                f"({routes.tolist()} against {info.routes.tolist()}); nothing written")
+            diff = max(diff, (got - logits).abs().max().item())
+        refuse_unless_close(args.format, diff, tolerance, "the gated network")
+    report_written(args.out, args.format, ", a directory: manifest.json names its graphs" if onnx_directory else "")
+    print(f"check: reloaded export vs gated network at batch 1 and {CHECK_BATCH}: same routes, max abs diff "
+          f"{diff:.3g} (tolerance {tolerance:.3g})")
+    return 0
+
+
+@torch.no_grad()
+def run_gated_export(fmt: str, path: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load a written gated export the way its user would; returns (logits, routes) of `x`."""
+    if fmt == "export":
+        return torch.export.load(str(path)).module()(x)
+    if fmt == "torchscript":
+        return torch.jit.load(str(path))(x)
+    if fmt == "onnx":
+        logits, routes = run_onnx_routes(path, x.numpy())
+        return torch.from_numpy(logits), torch.from_numpy(routes)
+    return torch.load(path, weights_only=False).eval()(x)
 
 
 def _describe(model: DSMobileNetV2, plan: WidthPlan) -> str:

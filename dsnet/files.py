@@ -57,3 +57,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `path` to fill; on success its files are synced and it is renamed onto
+    `path` (which must not exist, or be an empty directory), on failure removed with what it holds."""
+    import shutil
+
+    path = Path(path)
+    check_new_directory(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise UserError(f"could not write {str(path)!r}: {exc.strerror or exc}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a plain mkdir's permissions, not mkdtemp's private 0700
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp, directory=True)
+        os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"could not write {str(path)!r}: {exc.strerror or exc}") from None
+        raise
+
+
+def check_new_directory(path: str | os.PathLike) -> None:
+    """UserError unless `path` can become a new directory: its parent exists, and it does not, or is empty."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"output directory {str(path.parent)!r} does not exist")
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise UserError(f"{str(path)!r} exists and is not an empty directory")

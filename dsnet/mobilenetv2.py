@@ -255,22 +255,30 @@ class DSMobileNetV2(ResolvesWidths, BNSlots, nn.Module):
 
     def export_layers(self, plan: WidthPlan, slot: int) -> OrderedDict[str, nn.Module]:
         """The dense layers of `plan` with the BN statistics of `slot`, named as timm names them."""
-        route, ch = self._route(plan), plan.channels
-        layers: OrderedDict[str, nn.Module] = OrderedDict()
-        layers["conv_stem"] = self.conv_stem.export(self.config.in_chans, ch[0])
-        layers["bn1"] = self.bn1.export(ch[0], slot)
-        layers["act1"] = nn.ReLU6(inplace=True)
-        widths = iter(route.blocks)
-        layers["blocks"] = nn.Sequential(*(nn.Sequential(*(block.export(next(widths), slot) for block in stage))
-                                           for stage in self.blocks))
-        layers["conv_head"] = self.conv_head.export(ch[self.block_specs[-1].out_group], ch[-1])
-        layers["bn2"] = self.bn2.export(ch[-1], slot)
-        layers["act2"] = nn.ReLU6(inplace=True)
-        layers["global_pool"] = nn.AdaptiveAvgPool2d(1)
-        layers["flatten"] = nn.Flatten(1)
-        layers["dropout"] = nn.Dropout(self.config.dropout)
-        layers["classifier"] = self.classifier.export(ch[-1])
+        layers = self.export_stem(plan, slot)
+        flat = iter(self.export_blocks(plan, slot))
+        layers["blocks"] = nn.Sequential(*(nn.Sequential(*(next(flat) for _ in stage)) for stage in self.blocks))
+        layers.update(self.export_head(plan, slot))
         return layers
+
+    def export_stem(self, plan: WidthPlan, slot: int) -> OrderedDict[str, nn.Module]:
+        ch = plan.channels
+        return OrderedDict(conv_stem=self.conv_stem.export(self.config.in_chans, ch[0]),
+                           bn1=self.bn1.export(ch[0], slot), act1=nn.ReLU6(inplace=True))
+
+    def export_blocks(self, plan: WidthPlan, slot: int, start: int = 0, stop: int | None = None) -> list[nn.Module]:
+        """Blocks `start` … `stop - 1` (counted as `forward_blocks` counts them) as dense modules."""
+        route = self._route(plan)
+        stop = len(self.flat_blocks) if stop is None else stop
+        return [block.export(widths, slot)
+                for block, widths in zip(self.flat_blocks[start:stop], route.blocks[start:stop])]
+
+    def export_head(self, plan: WidthPlan, slot: int) -> OrderedDict[str, nn.Module]:
+        ch = plan.channels
+        return OrderedDict(conv_head=self.conv_head.export(ch[self.block_specs[-1].out_group], ch[-1]),
+                           bn2=self.bn2.export(ch[-1], slot), act2=nn.ReLU6(inplace=True),
+                           global_pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1),
+                           dropout=nn.Dropout(self.config.dropout), classifier=self.classifier.export(ch[-1]))
 
     def costs(self, plan: WidthPlan, img_size: int) -> Costs:
         """MAdds and parameters of every layer of `plan` for one image of `img_size`, in forward order."""

@@ -1,5 +1,8 @@
+import copy
 import os
 import random
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -146,3 +149,38 @@ def run_command(main, argv, capsys) -> tuple[int, str, str]:
         run_main(main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
+
+
+@torch.no_grad()
+def spread_routes(gated, images: torch.Tensor):
+    """A copy of `gated` whose slimming head sends about equal shares of `images` to every route: logit r is
+    r·t − (q_1 + … + q_r) for t a projection of the squeezed features and q_k its quantiles over `images`."""
+    gated = copy.deepcopy(gated)
+    head = gated.gate.slimming
+    routes = head.out_features
+    head.weight.copy_(torch.arange(routes, dtype=torch.float32)[:, None] * torch.randn(head.in_features))
+    head.bias.zero_()
+    t = gated(images, return_info=True)[1].route_logits[:, 1]
+    thresholds = torch.quantile(t, torch.arange(1, routes) / routes)
+    head.bias.copy_(-torch.cat([torch.zeros(1), torch.cumsum(thresholds, 0)]))
+    return gated
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for a module of small models: on a shared two-core machine two threads oversubscribe badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_without_dsnet(script: str, cwd) -> subprocess.CompletedProcess:
+    """Run the Python `script` in `cwd`, in a process that cannot import dsnet: -S skips site-packages' .pth files
+    (dsnet's editable install is one), and torch's directory is added back. The script fails if dsnet is found."""
+    site_packages = os.path.dirname(os.path.dirname(torch.__file__))
+    prelude = (f"import importlib.util, sys\nsys.path.append({site_packages!r})\n"
+               "assert importlib.util.find_spec('dsnet') is None, 'dsnet is importable'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-I", "-S", "-c", prelude + script], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=180)

@@ -10,13 +10,13 @@ import timm
 import torch
 
 import dsnet
-from conftest import DIGITS_SIZE, randomize_bn
+from conftest import DIGITS_SIZE, randomize_bn, run_without_dsnet
 from dsnet.checkpoint import load_checkpoint, load_supernet, save_checkpoint
 from dsnet.cli import run_main
 from dsnet.data import DataOptions, calibration_batches
 from dsnet.export import main
 
-TOLERANCE = {"torchscript": 1e-5, "pt": 1e-5, "onnx": 1e-4}
+TOLERANCE = {"export": 1e-5, "torchscript": 1e-5, "pt": 1e-5, "onnx": 1e-4}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,6 +49,8 @@ def digits_input(n=4):
 
 
 def load_and_run(fmt, path, x):
+    if fmt == "export":
+        return torch.export.load(str(path)).module()(x)
     if fmt == "torchscript":
         return torch.jit.load(str(path))(x)
     if fmt == "onnx":
@@ -70,7 +72,7 @@ def fails_in_one_line(argv, capsys):
     return err
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "pt"])
+@pytest.mark.parametrize("fmt", ["export", "torchscript", "onnx", "pt"])
 def test_each_format_reloads_to_the_supernet_output(digits_checkpoint, tmp_path, capsys, fmt):
     out = tmp_path / f"subnet.{fmt}"
     assert main(["--checkpoint", str(digits_checkpoint), "--width", "0.5", "--format", fmt, "--out", str(out)]) == 0
@@ -87,7 +89,7 @@ def test_each_format_reloads_to_the_supernet_output(digits_checkpoint, tmp_path,
     assert os.listdir(tmp_path) == [out.name]  # no temporary file left beside it
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["export", "torchscript", "onnx"])
 def test_deployed_formats_fold_batch_norm_unless_asked_to_keep_it(digits_checkpoint, tmp_path, capsys, fmt):
     """The folded file has no BatchNorm left and still computes the supernet's width (the command's own check
     passed, and here again on other inputs); --keep-bn keeps one per convolution that had it."""
@@ -106,6 +108,9 @@ def test_deployed_formats_fold_batch_norm_unless_asked_to_keep_it(digits_checkpo
             import onnx
 
             counts[bool(flags)] = [node.op_type for node in onnx.load(str(out)).graph.node].count("BatchNormalization")
+        elif fmt == "export":
+            nodes = torch.export.load(str(out)).graph.nodes
+            counts[bool(flags)] = sum("batch_norm" in str(node.target) for node in nodes)
         else:
             counts[bool(flags)] = str(torch.jit.load(str(out)).inlined_graph).count("aten::batch_norm")
     bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in dsnet.export_subnet(model, 0.5).modules())
@@ -125,33 +130,27 @@ def test_timm_export_loads_strictly_into_timm_mobilenetv2(imagenet_checkpoint, t
         assert max_abs(reference.eval()(x), model(x, 0.5)) <= 1e-5
 
 
-def test_torchscript_and_onnx_run_without_dsnet(digits_checkpoint, tmp_path):
-    for fmt in ("torchscript", "onnx"):
+def test_export_torchscript_and_onnx_run_without_dsnet(digits_checkpoint, tmp_path):
+    for fmt in ("export", "torchscript", "onnx"):
         main(["--checkpoint", str(digits_checkpoint), "--width", "0.75", "--format", fmt,
               "--out", str(tmp_path / f"subnet.{fmt}")])
     x = digits_input()
     with torch.no_grad():
         expected = load_supernet(digits_checkpoint)(x, 0.75)
     torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
-    site_packages = os.path.dirname(os.path.dirname(torch.__file__))
-    # -S skips the .pth files of site-packages (dsnet's editable install is one); torch's directory is added back.
-    script = textwrap.dedent(f"""
-        import importlib.util, sys
-        sys.path.append({site_packages!r})
-        assert importlib.util.find_spec("dsnet") is None, "dsnet is importable"
+    script = textwrap.dedent("""
         import onnxruntime, torch
         io = torch.load("io.pt")
+        program = torch.export.load("subnet.export").module()(io["x"])
         scripted = torch.jit.load("subnet.torchscript")(io["x"])
         session = onnxruntime.InferenceSession("subnet.onnx", providers=["CPUExecutionProvider"])
-        onnx_out = torch.from_numpy(session.run(["logits"], {{"input": io["x"].numpy()}})[0])
-        print((scripted - io["expected"]).abs().max().item(), (onnx_out - io["expected"]).abs().max().item())
+        onnx_out = torch.from_numpy(session.run(["logits"], {"input": io["x"].numpy()})[0])
+        print(*((out - io["expected"]).abs().max().item() for out in (program, scripted, onnx_out)))
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = run_without_dsnet(script, tmp_path)
     assert result.returncode == 0, result.stderr
-    torchscript_diff, onnx_diff = map(float, result.stdout.split())
-    assert torchscript_diff <= 1e-5 and onnx_diff <= 1e-4
+    export_diff, torchscript_diff, onnx_diff = map(float, result.stdout.split())
+    assert export_diff <= 1e-5 and torchscript_diff <= 1e-5 and onnx_diff <= 1e-4
 
 
 @pytest.fixture(scope="module")

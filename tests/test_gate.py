@@ -17,7 +17,7 @@ from dsnet.trainer import Trainer
 from dsnet.gate import GateConfig, GatedDSNet, insert_gate
 from dsnet.gate_training import GateLosses, gate_step, madds_penalty, set_trainable, sgs_labels, sgs_routes
 
-from conftest import DIGITS_SIZE
+from conftest import DIGITS_SIZE, spread_routes
 
 QUIET = ["--device", "cpu", "--threads", "1", "--no-progress"]
 
@@ -50,21 +50,6 @@ def gated(state, data):
     """The digits supernet with a gate routing to every width; layers before the gate at the largest width."""
     supernet = supernet_from_checkpoint(state, "model")
     return insert_gate(supernet, GateConfig(routes=list(supernet.widths), input_width=1.0), data[0]).eval()
-
-
-@torch.no_grad()
-def spread_routes(gated: GatedDSNet, images: torch.Tensor) -> GatedDSNet:
-    """A copy of `gated` whose slimming head sends about equal shares of `images` to every route: logit r is
-    r·t − (q_1 + … + q_r) for t a projection of the squeezed features and q_k its quantiles over `images`."""
-    gated = copy.deepcopy(gated)
-    head = gated.gate.slimming
-    routes = head.out_features
-    head.weight.copy_(torch.arange(routes, dtype=torch.float32)[:, None] * torch.randn(head.in_features))
-    head.bias.zero_()
-    t = gated(images, return_info=True)[1].route_logits[:, 1]
-    thresholds = torch.quantile(t, torch.arange(1, routes) / routes)
-    head.bias.copy_(-torch.cat([torch.zeros(1), torch.cumsum(thresholds, 0)]))
-    return gated
 
 
 @pytest.fixture(scope="module")
