@@ -13,7 +13,9 @@ and TorchScript skip a route without inputs with an ``if``; `torch.export` does 
 from __future__ import annotations
 
 import copy
+import io
 import json
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -109,15 +111,20 @@ def save_torch_export(module: nn.Module, example: torch.Tensor, path) -> None:
     """`torch.export` with a dynamic batch axis (the example's batch must be at least 2, since export takes a batch
     of 1 as a constant)."""
     program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    torch.export.save(program, str(path))
+    buffer = io.BytesIO()  # through a buffer: torch warns of a file whose name does not end in .pt2
+    torch.export.save(program, buffer)
+    Path(path).write_bytes(buffer.getvalue())
+
+
+def load_torch_export(path) -> nn.Module:
+    """The module of a saved `torch.export` program, whatever its file is called."""
+    return torch.export.load(io.BytesIO(Path(path).read_bytes())).module()
 
 
 def write_onnx_routes(dense: DenseGatedNetwork, example: torch.Tensor, directory, opset: int,
                       routes: list[dict]) -> None:
     """The ONNX form: `trunk.onnx` (input → features, route_logits), one `route<r>.onnx` per route (features →
     logits) and `manifest.json` naming them, with `routes` (one dict per route) recorded in it."""
-    from pathlib import Path
-
     directory = Path(directory)
     axes = {"input": {0: "batch"}, "features": {0: "batch"}, "route_logits": {0: "batch"}, "logits": {0: "batch"}}
 

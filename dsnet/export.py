@@ -27,7 +27,8 @@ from .files import atomic_directory, atomic_path, check_new_directory
 from .cli_inputs import (add_checkpoint_args, add_data_args, check_output_path, input_size, open_checkpoint,
                          training_data_options)
 from .data import calibration_batches
-from .dense_gated import export_gated, fold_gated, run_onnx_routes, save_torch_export, write_onnx_routes
+from .dense_gated import (export_gated, fold_gated, load_torch_export, run_onnx_routes, save_torch_export,
+                          write_onnx_routes)
 from .gate import GatedDSNet
 from .madds import count_madds, count_params
 from .mobilenetv2 import TIMM_MODELS, DSMobileNetV2, SupernetConfig
@@ -152,7 +153,7 @@ def write_export(fmt: str, dense: nn.Module, example: torch.Tensor, path: Path, 
 def run_export(fmt: str, path: Path, x: torch.Tensor, timm_name: str | None, num_classes: int) -> torch.Tensor:
     """Load a written export the way its user would, and run it on `x`."""
     if fmt == "export":
-        return torch.export.load(str(path)).module()(x)
+        return load_torch_export(path)(x)
     if fmt == "torchscript":
         return torch.jit.load(str(path))(x)
     if fmt == "onnx":
@@ -336,7 +337,7 @@ def export_gated_network(args) -> int:
 def run_gated_export(fmt: str, path: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a written gated export the way its user would; returns (logits, routes) of `x`."""
     if fmt == "export":
-        return torch.export.load(str(path)).module()(x)
+        return load_torch_export(path)(x)
     if fmt == "torchscript":
         return torch.jit.load(str(path))(x)
     if fmt == "onnx":
