@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .distributed import GradSync, always_sync
+
 
 def sandwich_widths(num_choices: int, num_random: int, seed: int, step: int) -> list[int]:
     """Choice indices of one step: largest, `num_random` distinct random ones in between (widest first), smallest.
@@ -89,19 +91,28 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, images: torch.Ten
                   widths: list[int], label_smoothing: float = 0.0, ensemble_smallest: bool = True,
                   backward: Callable[[torch.Tensor], None] | None = None,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                  plans: list[tuple[int, ...]] = (), teacher_batch_stats: bool = False) -> SandwichLosses:
+                  plans: list[tuple[int, ...]] = (), teacher_batch_stats: bool = False,
+                  grad_sync: GradSync = always_sync) -> SandwichLosses:
     """Forward and backward of one sandwich; the caller steps the optimizer.
 
     `widths` comes from `sandwich_widths`: largest first, smallest last; `plans` from `random_stage_plans`, trained
     after the random widths against the same target. `backward(loss)` runs the backward pass (default
-    `loss.backward()`); the trainer uses it for loss scaling and gradient accumulation. Under
-    DistributedDataParallel each width's backward reduces the gradients accumulated so far, which keeps the sum
-    exact. (Skipping those reductions with DDP's `no_sync` would need the forwards inside it too, and would also
-    skip DDP's per-forward broadcast of the BN buffers.)
+    `loss.backward()`); the trainer uses it for loss scaling and gradient accumulation. Each width's forward and
+    backward runs inside `grad_sync(is_last_pass)`: under DistributedDataParallel, `distributed.grad_sync` lets only
+    the last pass all-reduce the gradients the passes accumulated.
     """
     backward = backward or (lambda loss: loss.backward())
     largest, random_widths = widths[0], widths[1:-1] if len(widths) > 2 else []
     smallest = widths[-1] if len(widths) > 1 else None
+    passes_left = [1 + len(random_widths) + len(plans) + (smallest is not None)]
+
+    def train_pass(loss_of: Callable[[], torch.Tensor]) -> float:
+        passes_left[0] -= 1
+        with grad_sync(passes_left[0] == 0):
+            with autocast():
+                loss = loss_of()
+            backward(loss)
+        return loss.item()
 
     teacher_probs: dict[int, torch.Tensor] = {}
     if teacher is not None and len(widths) > 1:  # a single width learns from the labels alone
@@ -111,35 +122,24 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, images: torch.Ten
                 logits = teacher(images, w, running_stats=False) if teacher_batch_stats else teacher(images, w)
                 teacher_probs[w] = F.softmax(logits.float(), dim=-1)
 
-    per_width: list[tuple[int | tuple[int, ...], float]] = []
-    with autocast():
+    def largest_loss() -> torch.Tensor:
         logits = model(images, largest)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-    if teacher is None:
-        teacher_probs[largest] = F.softmax(logits.detach().float(), dim=-1)
-    backward(loss)
-    per_width.append((largest, loss.item()))
+        if teacher is None:
+            teacher_probs[largest] = F.softmax(logits.detach().float(), dim=-1)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
+    per_width: list[tuple[int | tuple[int, ...], float]] = [(largest, train_pass(largest_loss))]
     for w in random_widths:
-        with autocast():
-            loss = soft_cross_entropy(model(images, w).float(), teacher_probs[largest])
-        backward(loss)
-        per_width.append((w, loss.item()))
-
+        per_width.append((w, train_pass(lambda: soft_cross_entropy(model(images, w).float(),
+                                                                   teacher_probs[largest]))))
     for w in plans:  # batch statistics only: a random plan has no BN slot of its own
-        with autocast():
-            loss = soft_cross_entropy(model(images, w, running_stats=False).float(), teacher_probs[largest])
-        backward(loss)
-        per_width.append((w, loss.item()))
-
+        per_width.append((w, train_pass(lambda: soft_cross_entropy(model(images, w, running_stats=False).float(),
+                                                                   teacher_probs[largest]))))
     if smallest is not None:
         if ensemble_smallest and teacher is not None:
             target = torch.stack([teacher_probs[w] for w in [largest, *random_widths]]).mean(0)
         else:
             target = teacher_probs[largest]
-        with autocast():
-            loss = soft_cross_entropy(model(images, smallest).float(), target)
-        backward(loss)
-        per_width.append((smallest, loss.item()))
+        per_width.append((smallest, train_pass(lambda: soft_cross_entropy(model(images, smallest).float(), target))))
 
     return SandwichLosses(sum(v for _, v in per_width), per_width)

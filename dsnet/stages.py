@@ -20,6 +20,7 @@ from .checkpoint import gated_network_from_checkpoint, load_checkpoint, supernet
 from .errors import UserError
 from .config import data_options, model_config, recorded_config
 from .data import DataOptions, calibration_batches
+from .distributed import GradSync, always_sync
 from .gate import GatedDSNet, GateConfig, check_gate_config, default_routes, insert_gate
 from .gate_training import GateLosses, epoch_metrics, evaluate_gated, gate_step, set_trainable
 from .madds import count_madds
@@ -100,7 +101,8 @@ class SupernetStage:
         return self.model
 
     def train_step(self, model: nn.Module, teacher: nn.Module | None, images: torch.Tensor, targets: torch.Tensor,
-                   step: int, backward: Callable[[torch.Tensor], None], autocast: Autocast) -> StepResult:
+                   step: int, backward: Callable[[torch.Tensor], None], autocast: Autocast,
+                   grad_sync: GradSync = always_sync) -> StepResult:
         cfg = self.config
         widths = sandwich_widths(len(self.widths), cfg["num_random_widths"], cfg["seed"], step)
         plans = random_stage_plans(len(self.widths), len(self.model.stage_names), cfg["num_random_plans"],
@@ -108,7 +110,7 @@ class SupernetStage:
         losses = sandwich_step(
             model, teacher, images, targets, widths, label_smoothing=cfg["label_smoothing"],
             ensemble_smallest=cfg["ensemble_smallest"], backward=backward, autocast=autocast, plans=plans,
-            teacher_batch_stats=cfg["teacher_batch_stats"])
+            teacher_batch_stats=cfg["teacher_batch_stats"], grad_sync=grad_sync)
         logged = {f"loss@{width_label(self.widths[w])}": v for w, v in losses.per_width if not isinstance(w, tuple)}
         plan_losses = [v for w, v in losses.per_width if isinstance(w, tuple)]
         if plan_losses:
@@ -254,8 +256,10 @@ class GateStage:
         return self.model
 
     def train_step(self, model: nn.Module, teacher: nn.Module | None, images: torch.Tensor, targets: torch.Tensor,
-                   step: int, backward: Callable[[torch.Tensor], None], autocast: Autocast) -> StepResult:
-        result = gate_step(model, images, targets, self.losses, backward=backward, autocast=autocast)
+                   step: int, backward: Callable[[torch.Tensor], None], autocast: Autocast,
+                   grad_sync: GradSync = always_sync) -> StepResult:
+        with grad_sync(True):  # one pass: it all-reduces when an optimizer step follows
+            result = gate_step(model, images, targets, self.losses, backward=backward, autocast=autocast)
         return StepResult(result.total, {"task_loss": result.task, "gate_loss": result.gate,
                                          "madds_loss": result.madds}, result.sums)
 

@@ -25,7 +25,7 @@ from .files import write_text_atomic
 from .config import data_options, recorded_config, to_yaml
 from .cpu_memory import keep_freed_memory
 from .data import build_dataset, build_loader, num_classes_of
-from .distributed import setup_distributed
+from .distributed import GradSync, always_sync, grad_sync, setup_distributed
 from .rng import capture_rng, restore_rng, seed_all
 from .run_dir import check_output_dir, run_lock, write_summary
 from .sampling import EpochSampler
@@ -240,7 +240,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for i, (images, targets) in enumerate(bar, start=first):
             images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            losses = self.train_step(images, targets, backward=lambda loss: self.scaler.scale(loss / accum).backward())
+            losses = self.train_step(images, targets, backward=lambda loss: self.scaler.scale(loss / accum).backward(),
+                                     grad_sync=grad_sync(self.ddp, update_follows=(i + 1) % accum == 0))
             for key, value in losses.sums.items():
                 sums[key] = sums.get(key, 0.0) + value
             if not math.isfinite(losses.total):
@@ -279,10 +280,11 @@ class Trainer:
         metrics.update(self.stage.epoch_metrics(self.dist.all_reduce_dict(sums)))
         return metrics
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor, backward) -> StepResult:
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, backward,
+                   grad_sync: GradSync = always_sync) -> StepResult:
         """The stage's work on one batch: forward and backward (the optimizer steps in `_update`)."""
         return self.stage.train_step(self.ddp or self.model, self.ema.module if self.ema is not None else None,
-                                     images, targets, self.step, backward, self.autocast)
+                                     images, targets, self.step, backward, self.autocast, grad_sync)
 
     def _stop_requested(self) -> bool:
         """Whether a SIGTERM or SIGINT asked the run to stop, agreed by every process (each may have received it at

@@ -172,3 +172,54 @@ def test_ranks_given_different_configs_are_refused_at_start(tmp_path):
     assert lines and lines[0].startswith("error: rank ") and "widths is [0." in lines[0], stderr[-3000:]
     assert "start every process with the same flags" in lines[0]
     assert not (out / "last.pth").exists()
+
+
+GRAD_SYNC_WORKER = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+import dsnet.trainer
+from dsnet.config import parse_config
+from dsnet.trainer import Trainer
+by_hand = os.environ["SYNC"] == "by-hand"
+if by_hand:  # the reference: DDP never reduces; before each update the summed gradients are averaged by hand
+    dsnet.trainer.grad_sync = lambda ddp, update_follows: lambda last_pass: ddp.no_sync()
+trainer = Trainer(*parse_config(sys.argv[1:]))
+counts = {"reductions": 0, "updates": 0}
+def counting(state, bucket):
+    counts["reductions"] += bucket.index() == 0  # one per all-reduce of the whole gradient
+    return allreduce_hook(dist.group.WORLD, bucket)
+trainer.ddp.register_comm_hook(None, counting)
+update = trainer._update
+def counted(epoch):
+    counts["updates"] += 1
+    if by_hand:
+        for p in trainer.model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+    update(epoch)
+trainer._update = counted
+trainer.run()
+torch.save({"state": trainer.model.state_dict(), **counts}, os.environ["DUMP_PREFIX"] + "-rank" + os.environ["RANK"] + ".pt")
+"""
+
+
+def test_one_gradient_all_reduce_per_optimizer_step(tmp_path, monkeypatch):
+    """A sandwich of 4 widths over 2 accumulated batches is 8 backward passes per optimizer step: under torchrun
+    only the last of them all-reduces, and the weights are those of averaging the summed gradients by hand before
+    each update (to 1e-6)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(GRAD_SYNC_WORKER)
+    # Without the EMA teacher: it normalises with running BN statistics, which DDP broadcasts from rank 0 in a
+    # synchronised forward, so in the reference, which never synchronises, rank 1's teacher would see other ones.
+    flags = [*TINY, "--epochs", "1", "--batch-size", "64", "--accum-steps", "2", "--num-random-widths", "2", "--no-ema"]
+    dumps = {}
+    for sync, port in (("last-pass", 29527), ("by-hand", 29528)):
+        monkeypatch.setenv("SYNC", sync)
+        torchrun(worker, port, tmp_path / sync, *flags)
+        dumps[sync] = torch.load(tmp_path / f"{sync}-rank0.pt")
+    once, reference = dumps["last-pass"], dumps["by-hand"]
+    assert once["updates"] == reference["updates"] >= 4
+    assert once["reductions"] == once["updates"] and reference["reductions"] == 0
+    for key, value in once["state"].items():
+        if value.is_floating_point() and "running_" not in key:  # DDP broadcasts rank 0's BN statistics
+            assert (value - reference["state"][key]).abs().max().item() <= 1e-6, key

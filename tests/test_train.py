@@ -155,10 +155,10 @@ def test_sigterm_mid_epoch_saves_and_the_resumed_run_ends_where_the_straight_one
     stop_at = per_epoch + 2  # the signal arrives during the third step of the second epoch
     train_step = Trainer.train_step
 
-    def signalled(self, images, targets, backward):
+    def signalled(self, images, targets, backward, **kwargs):
         if self.step + 1 == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)
-        return train_step(self, images, targets, backward)
+        return train_step(self, images, targets, backward, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", signalled)
     code, out, err = run_command(train_main, [*TINY, *short, "--output", tmp_path / "stopped"], capsys)
@@ -214,10 +214,10 @@ def test_a_mid_epoch_checkpoint_resumes_only_with_its_batch_layout(tmp_path, cap
 
     train_step = Trainer.train_step
 
-    def signalled(self, images, targets, backward):
+    def signalled(self, images, targets, backward, **kwargs):
         if self.step == 1:
             os.kill(os.getpid(), signal.SIGINT)
-        return train_step(self, images, targets, backward)
+        return train_step(self, images, targets, backward, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", signalled)
     code, out, _ = run_command(train_main, [*TINY, "--batch-size", "128", "--output", tmp_path / "run"], capsys)
