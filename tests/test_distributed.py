@@ -16,13 +16,40 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 DDP_WORKER = """
-import os, sys, torch
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+import dsnet.trainer
 from dsnet.config import parse_config
 from dsnet.trainer import Trainer
+by_hand = os.environ.get("SYNC") == "by-hand"
+if by_hand:  # the reference: DDP never reduces; before each update the summed gradients are averaged by hand
+    dsnet.trainer.grad_sync = lambda ddp, update_follows: lambda last_pass: ddp.no_sync()
 trainer = Trainer(*parse_config(sys.argv[1:]))
+counts = {"reductions": 0, "updates": 0}
+def counting(state, bucket):
+    counts["reductions"] += bucket.index() == 0  # one per all-reduce of the whole gradient
+    return allreduce_hook(dist.group.WORLD, bucket)
+trainer.ddp.register_comm_hook(None, counting)
+update = trainer._update
+def counted(epoch):
+    counts["updates"] += 1
+    if by_hand:
+        for p in trainer.model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+    update(epoch)
+trainer._update = counted
 trainer.run()
-torch.save(trainer.model.state_dict(), os.environ["DUMP_PREFIX"] + "-rank" + os.environ["RANK"] + ".pt")
+torch.save({"state": trainer.model.state_dict(), **counts},
+           os.environ["DUMP_PREFIX"] + "-rank" + os.environ["RANK"] + ".pt")
 """
+
+# Stage I under torchrun: 4 widths per step over 2 accumulated batches, so 8 backward passes per optimizer step.
+# Without the EMA teacher: it normalises with running BN statistics, which DDP broadcasts from rank 0 in a
+# synchronised forward, so in the by-hand reference, which never synchronises, rank 1's teacher would see others.
+STAGE_ONE = [*TINY, "--epochs", "1", "--batch-size", "64", "--accum-steps", "2", "--num-random-widths", "2",
+             "--no-ema"]
 
 
 def torchrun(worker, port, out, *args):
@@ -34,25 +61,49 @@ def torchrun(worker, port, out, *args):
     return result
 
 
-def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
+@pytest.fixture(scope="module")
+def stage_one_run(tmp_path_factory):
+    """(worker script, run folder, its output) of a 2-process stage-I run with STAGE_ONE's flags."""
+    folder = tmp_path_factory.mktemp("ddp")
+    worker = folder / "worker.py"
+    worker.write_text(DDP_WORKER)
+    out = folder / "stage1"
+    return worker, out, torchrun(worker, 29517, out, *STAGE_ONE).stdout
+
+
+@pytest.mark.xdist_group("stage_one_run")
+def test_two_process_torchrun_keeps_ranks_identical(stage_one_run, tmp_path):
     """Stage I, then stage II from its checkpoint, each a 2-process run: identical weights on both ranks, logs and
     files from rank 0 only."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(DDP_WORKER)
-    out, gate = tmp_path / "ddp", tmp_path / "ddp-gate"
-    runs = [torchrun(worker, 29517, out, *TINY, "--epochs", "1"),
-            torchrun(worker, 29518, gate, "--stage", "gate", "--init", out / "best.pth", "--epochs", "1",
-                     "--batch-size", "256", "--gate-calibration-batches", "2", "--warmup-epochs", "0",
-                     "--log-interval", "1000")]
-    for result, run in zip(runs, (out, gate)):
-        rank0 = torch.load(f"{run}-rank0.pt")
-        rank1 = torch.load(f"{run}-rank1.pt")
+    worker, out, stdout = stage_one_run
+    gate = tmp_path / "ddp-gate"
+    gate_stdout = torchrun(worker, 29518, gate, "--stage", "gate", "--init", out / "best.pth", "--epochs", "1",
+             "--batch-size", "256", "--gate-calibration-batches", "2", "--warmup-epochs", "0", "--log-interval",
+             "1000").stdout
+    for run, printed in ((out, stdout), (gate, gate_stdout)):
+        rank0 = torch.load(f"{run}-rank0.pt")["state"]
+        rank1 = torch.load(f"{run}-rank1.pt")["state"]
         for key in rank0:
             assert torch.equal(rank0[key], rank1[key]), (run.name, key)
-        assert result.stdout.count("epoch 1/1") == 1  # the epoch line comes from rank 0 only
+        assert printed.count("epoch 1/1") == 1  # the epoch line comes from rank 0 only
         assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events")) == \
             ["args.yaml", "best.pth", "last.pth", "summary.csv"]
     assert "gate.slimming.weight" in rank0  # the second run trained the gated network
+
+
+@pytest.mark.xdist_group("stage_one_run")
+def test_one_gradient_all_reduce_per_optimizer_step(stage_one_run, tmp_path, monkeypatch):
+    """Of the 8 backward passes of an optimizer step only the last all-reduces, and the weights are those of averaging
+    the summed gradients by hand before each update (to 1e-6)."""
+    worker, out, _ = stage_one_run
+    monkeypatch.setenv("SYNC", "by-hand")
+    torchrun(worker, 29528, tmp_path / "by-hand", *STAGE_ONE)
+    once, reference = torch.load(f"{out}-rank0.pt"), torch.load(tmp_path / "by-hand-rank0.pt")
+    assert once["updates"] == reference["updates"] >= 4
+    assert once["reductions"] == once["updates"] and reference["reductions"] == 0
+    for key, value in once["state"].items():
+        if value.is_floating_point() and "running_" not in key:  # DDP broadcasts rank 0's BN statistics
+            assert (value - reference["state"][key]).abs().max().item() <= 1e-6, key
 
 
 STOPPABLE_WORKER = """
@@ -173,53 +224,3 @@ def test_ranks_given_different_configs_are_refused_at_start(tmp_path):
     assert "start every process with the same flags" in lines[0]
     assert not (out / "last.pth").exists()
 
-
-GRAD_SYNC_WORKER = """
-import os, sys, torch, torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-import dsnet.trainer
-from dsnet.config import parse_config
-from dsnet.trainer import Trainer
-by_hand = os.environ["SYNC"] == "by-hand"
-if by_hand:  # the reference: DDP never reduces; before each update the summed gradients are averaged by hand
-    dsnet.trainer.grad_sync = lambda ddp, update_follows: lambda last_pass: ddp.no_sync()
-trainer = Trainer(*parse_config(sys.argv[1:]))
-counts = {"reductions": 0, "updates": 0}
-def counting(state, bucket):
-    counts["reductions"] += bucket.index() == 0  # one per all-reduce of the whole gradient
-    return allreduce_hook(dist.group.WORLD, bucket)
-trainer.ddp.register_comm_hook(None, counting)
-update = trainer._update
-def counted(epoch):
-    counts["updates"] += 1
-    if by_hand:
-        for p in trainer.model.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
-    update(epoch)
-trainer._update = counted
-trainer.run()
-torch.save({"state": trainer.model.state_dict(), **counts}, os.environ["DUMP_PREFIX"] + "-rank" + os.environ["RANK"] + ".pt")
-"""
-
-
-def test_one_gradient_all_reduce_per_optimizer_step(tmp_path, monkeypatch):
-    """A sandwich of 4 widths over 2 accumulated batches is 8 backward passes per optimizer step: under torchrun
-    only the last of them all-reduces, and the weights are those of averaging the summed gradients by hand before
-    each update (to 1e-6)."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(GRAD_SYNC_WORKER)
-    # Without the EMA teacher: it normalises with running BN statistics, which DDP broadcasts from rank 0 in a
-    # synchronised forward, so in the reference, which never synchronises, rank 1's teacher would see other ones.
-    flags = [*TINY, "--epochs", "1", "--batch-size", "64", "--accum-steps", "2", "--num-random-widths", "2", "--no-ema"]
-    dumps = {}
-    for sync, port in (("last-pass", 29527), ("by-hand", 29528)):
-        monkeypatch.setenv("SYNC", sync)
-        torchrun(worker, port, tmp_path / sync, *flags)
-        dumps[sync] = torch.load(tmp_path / f"{sync}-rank0.pt")
-    once, reference = dumps["last-pass"], dumps["by-hand"]
-    assert once["updates"] == reference["updates"] >= 4
-    assert once["reductions"] == once["updates"] and reference["reductions"] == 0
-    for key, value in once["state"].items():
-        if value.is_floating_point() and "running_" not in key:  # DDP broadcasts rank 0's BN statistics
-            assert (value - reference["state"][key]).abs().max().item() <= 1e-6, key
