@@ -33,10 +33,9 @@ def grad_sync(ddp: torch.nn.parallel.DistributedDataParallel | None, update_foll
     optimizer steps (`update_follows`) runs in DDP's `no_sync`, so the gradients of a sandwich's widths, and of the
     batches of a gradient accumulation, add up locally and one all-reduce per optimizer step sums them all.
 
-    All-reducing every pass instead is not only slower: measured with torch's DDP, gradients accumulated over
-    several synchronised backward passes drift from the exact average from the second optimizer step on, while
-    these equal an all-reduce by hand. DDP broadcasts rank 0's BN statistics in the synchronised forward, so now
-    once per optimizer step rather than before every forward."""
+    All-reducing every pass gives the same gradients up to rounding (the sum is taken in another order). DDP
+    broadcasts rank 0's BN statistics in the synchronised forward, so now once per optimizer step rather than before
+    every forward."""
     if ddp is None:
         return always_sync
 
