@@ -22,7 +22,7 @@ from .config import data_options, model_config, recorded_config
 from .data import DataOptions, calibration_batches
 from .distributed import GradSync, always_sync
 from .gate import GatedDSNet, GateConfig, check_gate_config, default_routes, insert_gate
-from .gate_training import GateLosses, epoch_metrics, evaluate_gated, gate_step, set_trainable
+from .gate_training import GateLosses, epoch_metrics, evaluate_gated, gate_step, set_trainable, target_madds
 from .madds import count_madds
 from .metrics import batch_sums, metric_sums, summarize
 from .mobilenetv2 import DSMobileNetV2, SupernetConfig
@@ -232,6 +232,15 @@ def build_gated_network(config: dict[str, Any], init_state: dict[str, Any], num_
     return insert_gate(supernet.to(device), gate, batches)
 
 
+def check_target_in_route_range(value: float, route_madds: torch.Tensor) -> None:
+    """UserError when the MAdds target lies outside what the routes can reach: no mix of them would meet it."""
+    target, low, high = target_madds(value, route_madds), float(route_madds.min()), float(route_madds.max())
+    if not low * (1 - 1e-9) <= target <= high * (1 + 1e-9):
+        given = f"{value:g}" + (" of the widest" if value <= 1 else "")
+        raise UserError(f"--target-madds {given} ({target / 1e6:.2f}M) is outside the routes' range: "
+                        f"{low / 1e6:.2f}M to {high / 1e6:.2f}M MAdds, fractions {low / high:.3f} to 1 of the widest")
+
+
 class GateStage:
     """Stage II: the gate of a stage-I supernet, trained with SGS and the MAdds loss."""
 
@@ -252,6 +261,7 @@ class GateStage:
         else:
             self.model = build_gated_network(self.config, self.init_state, num_classes, device)
             self.init_state = None
+        check_target_in_route_range(self.config["target_madds"], self.model.route_madds(self.config["img_size"]))
         set_trainable(self.model, self.config["finetune_supernet"])
         return self.model
 

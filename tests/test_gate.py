@@ -196,6 +196,8 @@ def run(main, args, capsys):
     (["--init", "{ckpt}", "--gate-routes", "0.35", "0.6"], "gate routes [0.6] are not width choices"),
     (["--init", "{ckpt}", "--gate-block", "blocks.3.1"], "the gate must sit in the first block of a stage"),
     (["--init", "{tmp}/foreign.pth"], "is not a dsnet checkpoint"),
+    (["--init", "{ckpt}", "--target-madds", "0.2"], "--target-madds 0.2 of the widest ("),
+    (["--init", "{ckpt}", "--target-madds", "5e6"], "--target-madds 5e+06 (5.00M) is outside the routes' range: "),
 ])
 def test_bad_gate_input_is_one_error_line_with_status_2(args, message, digits_checkpoint, tmp_path, capsys):
     torch.save({"weights": {}}, tmp_path / "foreign.pth")
@@ -262,3 +264,45 @@ def test_gate_stage_trains_resumes_and_evaluates_dynamically(digits_checkpoint, 
     assert "static_curve" not in again
     assert (again["top1"], again["top5"], again["loss"], again["madds"], again["routes"]) == \
         (row["top1"], row["top5"], row["loss"], row["madds"], routes)  # the same checkpoint evaluates the same
+
+
+def test_the_task_loss_reaches_the_slimming_head_through_the_straight_through_route(mixed, data):
+    """With the gate and MAdds losses off, the task loss alone gives the slimming head a gradient: the one-hot route
+    weights of the Gumbel forward carry it through the routed BN and masks. A detach anywhere on that path zeroes it."""
+    gate = copy.deepcopy(mixed).train()
+    set_trainable(gate, finetune_supernet=False)
+    images, targets = data[2]
+    torch.manual_seed(0)
+    gate_step(gate, images, targets, GateLosses(task_loss_weight=1.0, gate_loss_weight=0.0, madds_loss_weight=0.0))
+    grad = gate.gate.slimming.weight.grad
+    assert grad is not None and grad.abs().max().item() > 1e-6
+
+
+def test_a_supernet_with_squeeze_excitation_is_gated_trained_and_exported(data):
+    """se_ratio > 0: the gate takes over the gate block's SE as its attention head (sigmoid); one training step, then
+    the dense export computes the gated network (float64), with the later blocks' SE exported as layers."""
+    from conftest import DIGITS_MODEL
+    from dsnet.dense_gated import export_gated
+    from dsnet.slim import SlimSqueezeExcite
+
+    torch.manual_seed(0)
+    supernet = dsnet.create_supernet(**{**DIGITS_MODEL, "se_ratio": 0.25}).eval()
+    calibration, (images, _), (train_images, train_targets) = data
+    for i in range(len(supernet.widths)):
+        dsnet.recalibrate_bn(supernet, i, calibration)
+    gated = insert_gate(supernet, GateConfig(routes=list(supernet.widths), input_width=1.0), calibration)
+    assert gated.gate.attention == "sigmoid"
+    gated.train()
+    set_trainable(gated, finetune_supernet=False)
+    optimizer = torch.optim.SGD([p for p in gated.parameters() if p.requires_grad], lr=0.1)
+    gate_step(gated, train_images, train_targets, GateLosses())
+    optimizer.step()
+    gated = spread_routes(gated.eval(), images).double()
+    dense = export_gated(gated)
+    assert sum(isinstance(m, SlimSqueezeExcite) for m in gated.supernet.modules()) > 0
+    x = images[:48].double()
+    with torch.no_grad():
+        logits, info = gated(x, return_info=True)
+        dense_logits, routes = dense(x)
+    assert len(set(info.routes.tolist())) > 1
+    assert torch.equal(routes, info.routes) and (dense_logits - logits).abs().max().item() <= 1e-10
