@@ -26,7 +26,8 @@ from dsnet.mobilenetv2 import TIMM_MODELS
 from dsnet.timing import median_seconds
 
 
-def onnx_session(dense: torch.nn.Module, img_size: int, threads: int, directory: str) -> onnxruntime.InferenceSession:
+def onnx_session(dense: torch.nn.Module, img_size: int, threads: int, directory: str,
+                 spinning: bool = True) -> onnxruntime.InferenceSession:
     path = Path(directory) / "subnet.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -34,6 +35,8 @@ def onnx_session(dense: torch.nn.Module, img_size: int, threads: int, directory:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
