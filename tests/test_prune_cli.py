@@ -82,6 +82,8 @@ def test_without_target_l1_prunes_the_sparsity_of_every_group(digits_checkpoint,
     (["--method", "taylor", "--target-madds", "1000"], "is below the"),
     (["--method", "dcp", "--target-madds", "0.5", "--min-channels", "0"],
      "argument --min-channels: must be ≥ 1, got 0"),
+    (["--method", "l1", "--target-madds", "0.5", "--polarization-t", "1"],
+     "--polarization-t applies to --method polarization, not l1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, digits_checkpoint, tmp_path, capsys):
     code, _, err = run_command(prune_main, ["--checkpoint", digits_checkpoint, *args, "--out", tmp_path / "out"],

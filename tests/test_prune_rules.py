@@ -252,3 +252,19 @@ def test_dcp_greedy_select_with_aux_loss():
     assert not torch.equal(refit, lstsq)
     assert combined(refit).item() < combined(lstsq).item()
     assert F.mse_loss(x @ refit.T, y).item() < 1e-3
+
+
+@pytest.mark.parametrize("t", [1.0, 1.2, 1.5])
+def test_polarization_penalty_uses_the_t_it_is_given(t):
+    """λ·Σ R(γ) over every group's scale factors, with R's t from the settings (--polarization-t)."""
+    from types import SimpleNamespace
+
+    from dsnet.prune.base import PruneSettings
+    from dsnet.prune.polarization import Polarization
+
+    gammas = [torch.tensor([0.9, 0.1, 0.5, 0.0], dtype=torch.float64), torch.tensor([1.0, 0.2], dtype=torch.float64)]
+    settings = PruneSettings("polarization", penalty=0.5, polarization_t=t)
+    method = Polarization(SimpleNamespace(settings=settings, all_gammas=lambda: gammas))
+    expected = 0.5 * sum(t * g.abs().sum() - (g - g.mean()).abs().sum() for g in gammas)
+    assert method.penalty_term().item() == pytest.approx(expected.item(), abs=1e-12)
+    assert f"t = {t:g}" in method.phase_settings()

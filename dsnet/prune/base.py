@@ -41,6 +41,7 @@ class PruneSettings:
     lr: float = 0.01
     penalty: float | None = None  # the regularizer's strength (None: the method's `default_penalty`)
     score_batches: int = 4  # batches per Taylor scoring pass and per DCP feature capture
+    polarization_t: float = 1.2  # polarization's t (the authors' ResNet-50 value)
 
 
 @dataclass

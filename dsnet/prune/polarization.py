@@ -8,23 +8,20 @@ from .base import ScaleSparsityMethod, Scores
 from .cuts import Keep
 from .rules import histogram_valley_threshold, polarization_regularizer
 
-POLARIZATION_T = 1.2  # the authors' ResNet-50 value
-
-
 class Polarization(ScaleSparsityMethod):
     name = "polarization"
     default_penalty = 1e-4
     phase = "polarization training"
 
     def phase_settings(self) -> str:
-        return f"λ = {self.strength:g}, t = {POLARIZATION_T}"
+        return f"λ = {self.strength:g}, t = {self.settings.polarization_t:g}"
 
     def train(self) -> None:
         self.after_step()
         super().train()
 
     def penalty_term(self) -> torch.Tensor:
-        return self.strength * sum(polarization_regularizer(w, POLARIZATION_T) for w in self.ctx.all_gammas())
+        return self.strength * sum(polarization_regularizer(w, self.settings.polarization_t) for w in self.ctx.all_gammas())
 
     @torch.no_grad()
     def after_step(self) -> None:
