@@ -27,6 +27,7 @@ from .madds import count_madds
 from .metrics import batch_sums, metric_sums, summarize
 from .mobilenetv2 import DSMobileNetV2, SupernetConfig
 from .sandwich import random_stage_plans, sandwich_step, sandwich_widths
+from .prune.permute import order_by_bn_scale
 from .timm_import import supernet_from_timm
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -91,8 +92,13 @@ class SupernetStage:
 
     def build_model(self, num_classes: int, device: torch.device, resume_state: dict | None) -> DSMobileNetV2:
         recorded = (resume_state or {}).get("model_config")  # a resumed run rebuilds the supernet it saved
+        if self.config["init_permute"] and not self.config["init_timm"]:
+            raise UserError("--init-permute reorders imported weights: it needs --init-timm")
         if self.config["init_timm"] and not recorded:
             model = supernet_from_timm(self.config["init_timm"], model_config(self.config, num_classes))
+            if self.config["init_permute"]:
+                order_by_bn_scale(model)
+                print("channels of every group reordered by BN scale |γ|, largest first (--init-permute)")
         else:
             model = DSMobileNetV2(SupernetConfig.from_dict(recorded or model_config(self.config, num_classes)))
         self.model, self.model_config = model.to(device), model.config

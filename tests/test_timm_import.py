@@ -86,3 +86,38 @@ def test_train_py_refuses_timm_weights_it_cannot_use_in_one_line(tmp_path, capsy
             "--output", tmp_path / "run"]
     code, _, err = run_command(train_main, argv, capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_init_permute_puts_the_largest_bn_scales_first_and_keeps_the_function(tmp_path, capsys):
+    """--init-permute: the largest width still computes the timm network; in every coupled group the channels now
+    come in decreasing summed |γ|, so a narrower width keeps the group's largest-scale channels. Without it, the
+    import keeps timm's order (which random γ leave unsorted)."""
+    from dsnet.prune.groups import derive_groups
+
+    reference = timm_model("mobilenetv2_050")
+    torch.save(reference.state_dict(), tmp_path / "timm.pth")
+    models = {}
+    for flags in ([], ["--init-permute"]):
+        config, explicit = parse_config([*TINY, *TIMM_RUN, "--init-timm", str(tmp_path / "timm.pth"), *flags,
+                                         "--output", str(tmp_path / f"run{len(flags)}")])
+        models[bool(flags)] = Trainer(config, explicit).model.eval()
+    assert "reordered by BN scale" in capsys.readouterr().out
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(x)
+        # Reordered channels are summed in another order: 1e-5 of the logits' scale, as the export checks.
+        assert (models[True](x, 0.5) - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+    for permuted in (False, True):
+        model = models[permuted]
+        modules = dict(model.named_modules())
+        sorted_groups = []
+        for group in derive_groups(model):
+            scale = sum(modules[bn].weight.abs() for bn in group.bns)
+            sorted_groups.append(bool((scale[:-1] >= scale[1:]).all()))
+        assert all(sorted_groups) == permuted and (permuted or not any(sorted_groups))
+
+
+def test_init_permute_without_init_timm_is_one_line(tmp_path, capsys):
+    code, _, err = run_command(train_main, [*TINY, "--init-permute", "--output", tmp_path / "run"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--init-permute reorders imported weights: it needs --init-timm" \
+        in err, err

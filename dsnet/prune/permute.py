@@ -63,3 +63,17 @@ def channel_masks(model: nn.Module, groups: Sequence[ChannelGroup],
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def order_by_bn_scale(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Reorder, in place, every coupled channel group of a supernet by importance, largest first: the sum over the
+    group's BN layers of |γ|, the scale Network Slimming ranks channels by. The network computes the same function
+    at its largest width; each narrower width then keeps its group's most important channels. Returns the orders."""
+    from .groups import derive_groups
+
+    groups = derive_groups(model)
+    modules = dict(model.named_modules())
+    orders = {g.name: descending_order(sum(modules[bn].weight.abs() for bn in g.bns)) for g in groups if g.bns}
+    permute_groups(model, groups, orders)
+    return orders
