@@ -100,10 +100,17 @@ def _weights(state: dict[str, Any], weights: str) -> dict[str, torch.Tensor]:
 
 
 def _load(network: torch.nn.Module, source: dict[str, torch.Tensor]) -> None:
+    """Load strictly, or UserError naming the first tensor that does not fit."""
     try:
-        network.load_state_dict(source, strict=True)
-    except RuntimeError as exc:
-        raise UserError(f"checkpoint weights do not fit its recorded architecture: {str(exc).splitlines()[0]}")
+        result = network.load_state_dict(source, strict=False)
+    except RuntimeError as exc:  # a shape mismatch: torch names each on a line of its own
+        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise UserError("checkpoint weights do not fit its recorded architecture: "
+                        + (lines[0] if lines else str(exc).splitlines()[0])) from None
+    problems = [f"{len(keys)} {kind} (first: {keys[0]!r})"
+                for kind, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
+    if problems:
+        raise UserError(f"checkpoint weights do not fit its recorded architecture: {', '.join(problems)}")
 
 
 def _supernet(state: dict[str, Any]) -> DSMobileNetV2:

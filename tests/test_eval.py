@@ -212,6 +212,8 @@ def bad_checkpoints(digits_checkpoint, tmp_path_factory):
     other_widths = dsnet.create_supernet(**{**DIGITS_MODEL, "widths": [0.5, 1.0]})
     save_checkpoint(folder / "other-widths.pth", {**state, "model": other_widths.state_dict()})
     save_checkpoint(folder / "no-config.pth", {k: v for k, v in state.items() if k != "model_config"})
+    renamed = {("head.weight" if k == "classifier.weight" else k): v for k, v in state["model"].items()}
+    save_checkpoint(folder / "renamed.pth", {**state, "model": renamed})
     hundred = dsnet.create_supernet(**{**DIGITS_MODEL, "num_classes": 100})
     save_checkpoint(folder / "100-classes.pth", {**state, "model_config": hundred.config.to_dict(),
                                                  "model": hundred.state_dict()})
@@ -225,7 +227,10 @@ BAD_INPUTS = {
                                  "records no supernet configuration ('model_config')"),
     "unknown device": (["--checkpoint", "{ckpt}", "--device", "tpu"], "unknown device 'tpu'; use cpu, cuda or cuda:N"),
     "weights of other widths": (["--checkpoint", "{bad}/other-widths.pth"],
-                                "checkpoint weights do not fit its recorded architecture"),
+                                "checkpoint weights do not fit its recorded architecture: size mismatch for "),
+    "a tensor renamed": (["--checkpoint", "{bad}/renamed.pth"],
+                         "do not fit its recorded architecture: 1 missing (first: 'classifier.weight'), 1 unexpected "
+                         "(first: 'head.weight')"),
     "dataset with other classes": (["--checkpoint", "{bad}/100-classes.pth"],
                                    "checkpoint has 100 classes but dataset 'digits' has 10"),
     "width not a choice": (["--checkpoint", "{ckpt}", "--widths", "0.5", "0.6"],
