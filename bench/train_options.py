@@ -8,6 +8,9 @@ by block (a few sandwich steps per block after one untimed step) and compares th
 - `--option channels-last` (train.py's --channels-last): two copies of the same supernet, one in channels_last
   memory format, stepped in alternating blocks; freed memory is kept for both, as train.py does. Runs on CUDA too
   (`--device cuda`), synchronised around each step.
+- `--option amp` (train.py's --amp): two copies of the same supernet (channels_last, as train.py trains), one
+  stepped under autocast with a GradScaler (fp16 on CUDA; bf16 on the CPU, where no scaler is needed), the other in
+  float32, in alternating blocks.
 
     python bench/train_options.py --option channels-last [--img-size 32] [--batch-size 128] [--threads 2]
                                   [--device cuda]
@@ -15,6 +18,7 @@ by block (a few sandwich steps per block after one untimed step) and compares th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -31,14 +35,22 @@ from dsnet.timing import synchronize
 from device import add_device_args, describe, setup_device
 
 
-def make_step(model: dsnet.DSMobileNetV2, images: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
+def make_step(model: dsnet.DSMobileNetV2, images: torch.Tensor, targets: torch.Tensor,
+              amp_dtype: torch.dtype | None = None) -> Callable[[], None]:
     ema = ModelEmaV3(model, decay=0.99)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    device_type = images.device.type
+    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        sandwich_step(model, ema.module, images, targets, [3, 2, 1, 0])
-        optimizer.step()
+        sandwich_step(model, ema.module, images, targets, [3, 2, 1, 0], autocast=autocast,
+                      backward=lambda loss: scaler.scale(loss).backward())
+        scaler.step(optimizer)
+        scaler.update()
         ema.update(model)
 
     return step
@@ -46,7 +58,7 @@ def make_step(model: dsnet.DSMobileNetV2, images: torch.Tensor, targets: torch.T
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--option", choices=["freed-memory", "channels-last"], default="freed-memory")
+    parser.add_argument("--option", choices=["freed-memory", "channels-last", "amp"], default="freed-memory")
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
     add_device_args(parser)
@@ -68,6 +80,17 @@ def main() -> None:
         def switch(on: bool) -> None:
             if not (keep_freed_memory() if on else return_freed_memory()):
                 raise SystemExit("this C library is not glibc: nothing to compare")
+    elif args.option == "amp":
+        if not keep_freed_memory():
+            print("note: not glibc; freed memory is not kept")
+        model = model.to(memory_format=torch.channels_last)
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        name = "fp16 autocast + GradScaler" if dtype == torch.float16 else "bf16 autocast"
+        steps = {name: make_step(copy.deepcopy(model), images, targets, dtype),
+                 "float32": make_step(model, images, targets)}
+
+        def switch(on: bool) -> None:
+            pass
     else:
         if not keep_freed_memory():
             print("note: not glibc; freed memory is not kept")
