@@ -6,13 +6,17 @@ weights, and an ONNX Runtime session of the subnet's ONNX export (intra-op threa
 the same input on the CPU, interleaved repeat by repeat (the order reversing every other repeat) after a warm-up; each
 figure is a median. The last lines are `max dense/timm ratio <value>` over every width and batch size (the exported
 subnet should be no slower than timm's model: ratio ≤ 1.02) and `max folded/timm ratio at batch 1 <value>`.
+With --compile, the folded subnet under `torch.compile` (default inductor backend) too, its compilation timed apart
+and excluded from the medians.
 
     python bench/export.py [--threads 2] [--img-size 224] [--batch-sizes 1 32] [--widths 0.35 0.5 0.75 1.0]
+                           [--compile]
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -49,6 +53,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time the folded subnet under torch.compile")
     args = parser.parse_args()
     unknown = [w for w in args.widths if w not in TIMM_MODELS]
     if unknown:
@@ -72,16 +77,25 @@ def main() -> None:
                 reference.eval()
                 folded = fold_batch_norms(dense)
                 session = onnx_session(dense, args.img_size, args.threads, directory)
+                calls = [lambda: dense(x), lambda: folded(x), lambda: reference(x),
+                         lambda: session.run(None, {"input": x_numpy})]
+                if args.compile:
+                    compiled = torch.compile(folded)
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        compiled(x)
+                    compile_s = time.perf_counter() - start
+                    calls.append(lambda: compiled(x))
                 with torch.no_grad():
-                    dense_s, folded_s, timm_s, ort_s = median_seconds(
-                        [lambda: dense(x), lambda: folded(x), lambda: reference(x),
-                         lambda: session.run(None, {"input": x_numpy})], args.repeats, args.warmup)
+                    dense_s, folded_s, timm_s, ort_s, *compiled_s = median_seconds(calls, args.repeats, args.warmup)
                 worst = max(worst, dense_s / timm_s)
                 if batch == 1:
                     worst_folded = max(worst_folded, folded_s / timm_s)
                 print(f"{w:>6.2f} {batch:>5} {dense_s * 1e3:>10.2f} {folded_s * 1e3:>10.2f} {timm_s * 1e3:>10.2f} "
                       f"{dense_s / timm_s:>10.3f} {folded_s / timm_s:>10.3f} {ort_s * 1e3:>10.2f} "
-                      f"{dense_s / ort_s:>10.3f}", flush=True)
+                      f"{dense_s / ort_s:>10.3f}"
+                      + (f"  compiled {compiled_s[0] * 1e3:.2f} ms, /folded {compiled_s[0] / folded_s:.3f}, compile "
+                         f"{compile_s:.1f} s" if args.compile else ""), flush=True)
     print(f"max dense/timm ratio {worst:.3f}")
     if 1 in args.batch_sizes:
         print(f"max folded/timm ratio at batch 1 {worst_folded:.3f}")
