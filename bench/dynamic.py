@@ -33,7 +33,7 @@ import torch
 
 import dsnet
 from dsnet.cpu_memory import keep_freed_memory
-from dsnet.dense_gated import export_gated, fold_gated, save_torch_export
+from dsnet.dense_gated import export_gated, fold_gated, load_torch_export, save_torch_export
 from dsnet.gate import GateConfig, GatedDSNet, default_routes, insert_gate
 from dsnet.export import fold_batch_norms
 from dsnet.timing import median_seconds
@@ -138,7 +138,7 @@ def time_exported(gated: GatedDSNet, pool: torch.Tensor, pool_routes: torch.Tens
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         save_torch_export(dense, pool[:2], Path(tmp) / "gated.pt2")
-        program = torch.export.load(str(Path(tmp) / "gated.pt2")).module()
+        program = load_torch_export(Path(tmp) / "gated.pt2")
         torch.jit.save(torch.jit.script(dense), str(Path(tmp) / "gated.torchscript"))
         scripted = torch.jit.load(str(Path(tmp) / "gated.torchscript"), map_location=device)
     print(f"\nexported gated network at batch 1 (BN folded), against its parts called from Python")

@@ -7,8 +7,8 @@ what `GatedDSNet`'s dynamic inference does: each input's route is the argmax of 
 inputs are grouped by route, each group runs through its route's tail, and the logits come back in input order.
 It returns ``(logits, routes)``.
 
-The forward is written three ways over the same layers, since each runtime has its own control flow: eager Python
-and TorchScript skip a route without inputs with an ``if``; `torch.export` does it with `torch.cond`.
+Eager Python and TorchScript skip a route without inputs with an ``if``; `torch.export`, which cannot branch on
+data in Python, does it with `torch.cond`.
 """
 from __future__ import annotations
 
@@ -38,10 +38,7 @@ class DenseGatedNetwork(nn.Module):
         for r, tail in enumerate(self.tails):
             index = (routes == r).nonzero().squeeze(1)
             group = h.index_select(0, index)
-            if torch.jit.is_scripting():
-                if index.numel() > 0:
-                    logits = logits.index_copy(0, index, tail(group))
-            elif torch.compiler.is_compiling():
+            if not torch.jit.is_scripting() and torch.compiler.is_compiling():
                 logits = logits.index_copy(0, index, _cond_run(tail, group, self.num_classes))
             elif index.numel() > 0:
                 logits = logits.index_copy(0, index, tail(group))
@@ -66,12 +63,7 @@ def export_gated(gated: GatedDSNet) -> DenseGatedNetwork:
         if not net.has_bn_statistics(plan):
             raise ValueError(f"the BN statistics of route {width:g} were never collected (dsnet.bn_slots."
                              "calibrate_routes collects them); nothing to export")
-    was_training = net.training
-    net.eval()
-    try:
-        slots = [net.stats_slot(plan) for plan in gated.route_plans]
-    finally:
-        net.train(was_training)
+    slots = [net.stats_slot(plan) for plan in gated.route_plans]  # all collected: none is claimed
     plan, slot, start = gated.input_plan, net.stats_slot(gated.input_plan), gated.gate_index
     block = net.block(start)
     trunk = nn.Sequential(net.export_stem(plan, slot))
@@ -147,7 +139,8 @@ def write_onnx_routes(dense: DenseGatedNetwork, example: torch.Tensor, directory
 
 def run_onnx_routes(directory, x):
     """Run the ONNX form on the NumPy batch `x` with ONNX Runtime, as a deployment would (NumPy and onnxruntime
-    only); returns (logits, routes) as NumPy arrays."""
+    only); returns (logits, routes) as NumPy arrays. Its imports are its own, so that its source runs on its own
+    (the test runs it in a process without dsnet)."""
     from pathlib import Path
 
     import numpy as np

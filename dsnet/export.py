@@ -336,14 +336,10 @@ def export_gated_network(args) -> int:
 @torch.no_grad()
 def run_gated_export(fmt: str, path: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a written gated export the way its user would; returns (logits, routes) of `x`."""
-    if fmt == "export":
-        return load_torch_export(path)(x)
-    if fmt == "torchscript":
-        return torch.jit.load(str(path))(x)
     if fmt == "onnx":
         logits, routes = run_onnx_routes(path, x.numpy())
         return torch.from_numpy(logits), torch.from_numpy(routes)
-    return torch.load(path, weights_only=False).eval()(x)
+    return run_export(fmt, path, x, None, 0)  # the torch formats load as one width's do
 
 
 def _describe(model: DSMobileNetV2, plan: WidthPlan) -> str:

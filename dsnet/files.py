@@ -18,6 +18,12 @@ def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _plain_permissions(path: str | os.PathLike, mode: int) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is synced to disk and renamed onto `path`, on failure
@@ -38,9 +44,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         raise UserError(f"could not write {str(path)!r}: {exc.strerror or exc}") from None
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the permissions a plain open() would give, not mkstemp's private 0600
+    _plain_permissions(tmp, 0o666)  # what a plain open() would give, not mkstemp's private 0600
     try:
         yield Path(tmp)
         _fsync(tmp)
@@ -71,9 +75,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as exc:
         raise UserError(f"could not write {str(path)!r}: {exc.strerror or exc}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # a plain mkdir's permissions, not mkdtemp's private 0700
+    _plain_permissions(tmp, 0o777)  # what a plain mkdir would give, not mkdtemp's private 0700
     try:
         yield tmp
         for file in tmp.iterdir():
