@@ -37,6 +37,26 @@ class BlockSpec:
     has_skip: bool
 
 
+@dataclass
+class Part:
+    """A run of dense layers whose cost depends on two channel counts: those of the group it reads (`in_group`,
+    None for the network's input) and of the group it writes (`out_group`, None for the logits). With `skip` the part
+    adds a tensor of its output's shape (the block's input) to its output."""
+
+    name: str
+    module: nn.Module
+    in_group: int | None
+    out_group: int | None
+    skip: bool = False
+
+    def __post_init__(self):
+        self.module.eval()
+
+    def __call__(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.module(x)
+        return y + skip if self.skip else y
+
+
 class Costs:
     """Multiply-accumulates and parameters of one image, layer by layer, following the spatial size as it goes.
 
@@ -112,12 +132,26 @@ class SlimBlock(nn.Module):
         """The dense layers `project` runs."""
         raise NotImplementedError
 
-    def dense_layers(self, widths: tuple[int, ...], slot: int) -> OrderedDict[str, nn.Module]:
+    def dense_features(self, widths: tuple[int, ...], slot: int) -> OrderedDict[str, nn.Module]:
+        """The dense layers from the block's input to the projection's input: `dense_hidden`, then SE."""
         layers = self.dense_hidden(widths, slot)
         if self.se is not None:
             layers["se"] = self.se.export(widths[1], widths[3])
+        return layers
+
+    def dense_layers(self, widths: tuple[int, ...], slot: int) -> OrderedDict[str, nn.Module]:
+        layers = self.dense_features(widths, slot)
         layers.update(self.dense_projection(widths, slot))
         return layers
+
+    def export_parts(self, widths: tuple[int, ...], slot: int) -> list[Part]:
+        """The block as two dense parts, each reading one channel group and writing another: its features (input →
+        hidden width) and its projection (hidden → output width, the residual addition included)."""
+        s = self.spec
+        return [Part(f"{s.name}.features", nn.Sequential(self.dense_features(widths, slot)), s.in_group,
+                     self.hidden_group),
+                Part(f"{s.name}.projection", nn.Sequential(self.dense_projection(widths, slot)), self.hidden_group,
+                     s.out_group, skip=self.has_skip)]
 
     def export(self, widths: tuple[int, ...], slot: int) -> nn.Module:
         """The block at `widths` as dense layers, with the BN statistics of `slot`."""

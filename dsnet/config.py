@@ -115,6 +115,9 @@ KEYS: tuple[Key, ...] = (
     Key("madds_loss_weight", 0.1, "stage II: weight of the MAdds loss (0: none)", NON_NEGATIVE),
     Key("target_madds", 1.0, "stage II: MAdds target per image: a count (e.g. 3e8), or a fraction (≤ 1) of the "
         "widest route's MAdds", POSITIVE),
+    Key("target_latency", None, "stage II: a latency budget per image instead of --target-madds (4ms, 800us), as "
+        "--lut predicts the routes' dense networks; the cost penalty then works on predicted latency", str),
+    Key("lut", None, "stage II: the latency table (python -m dsnet.latency) that --target-latency needs", str),
     # optimisation
     Key("epochs", 12, "epochs of the learning-rate schedule", POSITIVE_INT),
     Key("epoch_limit", None, "stop after this many epochs in this run (resume later); the schedule is unchanged",

@@ -31,6 +31,7 @@ from .cpu_memory import keep_freed_memory, return_freed_memory
 from .data import DATASETS, build_dataset, build_loader, calibration_batches, num_classes_of
 from .export import export_subnet
 from .gate import GatedDSNet
+from .latency import LatencyTable, read_table_for
 from .madds import count_madds, count_params
 from .metrics import batch_sums, metric_sums, summarize
 from .mobilenetv2 import DSMobileNetV2
@@ -224,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     timing = parser.add_argument_group(
         "latency (of the exported dense subnet of each width: a plain torch.nn network, what a user deploys)")
     timing.add_argument("--no-latency", action="store_true", help="do not measure latency")
+    timing.add_argument("--lut", metavar="LUT.json",
+                        help="a latency table of this supernet (python -m dsnet.latency): every row also gets its "
+                             "predicted latency at the table's batch size")
     timing.add_argument("--latency-batch-size", type=POSITIVE_INT, default=32, metavar="N",
                         help="the second latency batch size, besides 1 (default: 32)")
     timing.add_argument("--latency-repeats", type=POSITIVE_INT, default=10, metavar="R",
@@ -361,5 +365,24 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, freed_me
         threads=args.threads, rows=rows,
         latency=None if latency is None else Latency(batch_size=latency.batch_size, repeats=latency.repeats,
                                                      warmup=latency.warmup, freed_memory_kept=freed_memory_kept)))
+    if args.lut:
+        add_predicted_latency(report, read_table_for(args.lut, model, opts.img_size), network, args.lut)
     validate_report(report)
     return report
+
+
+def add_predicted_latency(report: dict[str, Any], table: LatencyTable, network: DSMobileNetV2 | GatedDSNet,
+                          source: str) -> None:
+    """Each row's predicted latency in milliseconds; a dynamic row's is the mean of its images' routes'."""
+    model = network.supernet if isinstance(network, GatedDSNet) else network
+    d = table.data
+    report["latency_table"] = {"file": source, "batch_size": d["batch_size"], "runtime": d["runtime"],
+                               "device": d["device"], "threads": d["threads"]}
+    for row in report["rows"]:
+        if row["kind"] == "dynamic":
+            routes = [table.predict(plan) for plan in network.route_plans]
+            images = [r["images"] for r in row["routes"]]
+            seconds = sum(s * n for s, n in zip(routes, images)) / max(1, sum(images))
+        else:
+            seconds = table.predict(model.resolve_width(row["plan"] if row["kind"] == "plan" else row["width"]))
+        row["predicted_latency_ms"] = seconds * 1e3

@@ -77,6 +77,8 @@ def target_madds(value: float, route_madds: torch.Tensor) -> float:
     return float(value) * float(route_madds.max()) if value <= 1 else float(value)
 
 
+LATENCY_FIELDS = ("route_latency", "target_latency")  # set by the stage from its latency table, not from keys
+
 # ---- one step ------------------------------------------------------------------------------------------------------
 
 
@@ -91,10 +93,14 @@ class GateLosses:
     madds_loss: str = "square"
     madds_loss_weight: float = 0.1
     target_madds: float = 1.0  # a count, or (≤ 1) a fraction of the widest route's MAdds
+    # A latency budget (`--target-latency`): each route's predicted seconds, and the target in seconds. The cost
+    # penalty then works on them in place of MAdds.
+    route_latency: torch.Tensor | None = None
+    target_latency: float | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "GateLosses":
-        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name not in LATENCY_FIELDS})
 
 
 @dataclass
@@ -130,8 +136,13 @@ def gate_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, los
     task = F.cross_entropy(logits.float(), targets)
     gate = F.cross_entropy(route_logits, labels)
     route_madds = gated.route_madds(images.shape[-1]).to(images.device, torch.float64)
-    expected = route_logits.softmax(1).double() @ route_madds  # (batch,) expected MAdds of each image
-    madds = madds_penalty(expected.mean(), losses.madds_loss, target_madds(losses.target_madds, route_madds))
+    probabilities = route_logits.softmax(1).double()
+    expected = probabilities @ route_madds  # (batch,) expected MAdds of each image
+    if losses.route_latency is not None:
+        latency = probabilities @ losses.route_latency.to(images.device, torch.float64)
+        madds = madds_penalty(latency.mean(), losses.madds_loss, losses.target_latency)
+    else:
+        madds = madds_penalty(expected.mean(), losses.madds_loss, target_madds(losses.target_madds, route_madds))
     total = losses.task_loss_weight * task + losses.gate_loss_weight * gate + losses.madds_loss_weight * madds.float()
     backward(total)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Container, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers import make_divisible
 
 from .records import Record
-from .blocks import BlockSpec, Costs, DepthwiseSeparable, InvertedResidual, SlimBlock
+from .blocks import BlockSpec, Costs, DepthwiseSeparable, InvertedResidual, Part, SlimBlock
 from .bn_slots import BNSlots, SlotNorm
 from .slim import SlimBatchNorm2d, SlimConv2d, SlimLinear, global_avg_pool
 from .widths import ResolvesWidths, WidthPlan
@@ -279,6 +279,26 @@ class DSMobileNetV2(ResolvesWidths, BNSlots, nn.Module):
                            bn2=self.bn2.export(ch[-1], slot), act2=nn.ReLU6(inplace=True),
                            global_pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1),
                            dropout=nn.Dropout(self.config.dropout), classifier=self.classifier.export(ch[-1]))
+
+    def export_parts(self, plan: WidthPlan, slot: int, names: Container[str] | None = None) -> list[Part]:
+        """The dense layers of `plan` as the parts a latency table times (`blocks.Part`), in forward order; with
+        `names`, only the parts of those names."""
+        def wanted(name: str) -> bool:
+            return names is None or name in names
+
+        last, head_group = self.block_specs[-1].out_group, len(self.group_names) - 1
+        parts = [Part("stem", nn.Sequential(self.export_stem(plan, slot)), None, 0)] if wanted("stem") else []
+        for block, widths in zip(self.flat_blocks, self._route(plan).blocks):
+            if wanted(f"{block.spec.name}.features") or wanted(f"{block.spec.name}.projection"):
+                parts += [p for p in block.export_parts(widths, slot) if wanted(p.name)]
+        if wanted("head") or wanted("classifier"):
+            head = self.export_head(plan, slot)
+            layers = list(head.items())
+            cut = list(head).index("global_pool")
+            candidates = [Part("head", nn.Sequential(OrderedDict(layers[:cut])), last, head_group),
+                          Part("classifier", nn.Sequential(OrderedDict(layers[cut:])), head_group, None)]
+            parts += [p for p in candidates if wanted(p.name)]
+        return parts
 
     def costs(self, plan: WidthPlan, img_size: int) -> Costs:
         """MAdds and parameters of every layer of `plan` for one image of `img_size`, in forward order."""

@@ -7,6 +7,8 @@
       "img_size": int, "num_classes": int, "device": str, "threads": int,
       "latency": null (not measured) | {"batch_size": N, "repeats": int, "warmup": int,
                                         "freed_memory_kept": bool},  # --keep-freed-memory
+      "latency_table": {"file": str, "batch_size": int, "runtime": str, "device": str, "threads": int},
+                                           # with --lut only
       "rows": [
         {
           "kind": "width" | "plan" | "dynamic",  # a width choice, a per-layer plan, or the gated network
@@ -20,6 +22,8 @@
           "latency_ms_b1": float | null,   # median milliseconds per batch of 1 ...
           "latency_ms_bN": float | null,   # ... and per batch of latency.batch_size; null when not measured
           "bn_recalibration_batches": int, # 0: BN statistics as stored in the checkpoint
+          "predicted_latency_ms": float,   # with --lut only: the table's prediction at its batch size (dynamic:
+                                           # the mean over the images of their route's prediction)
           # rows of kind "dynamic" only:
           "gate_block": str, "input_width": float,  # where the gate sits; the width of the layers before it
           "routes": [                      # one per route, narrowest first
@@ -242,12 +246,17 @@ def format_table(report: dict[str, Any]) -> str:
     header = f"{'width':>8} {'top-1':>7} {'top-5':>7} {'loss':>7} {'params':>9} {'MAdds':>10}"
     if latency is not None:
         header += f" {'b1 ms':>8} {'b' + str(latency['batch_size']) + ' ms':>9}"
+    table = report.get("latency_table")
+    if table is not None:
+        header += f" {'pred b' + str(table['batch_size']) + ' ms':>10}"
     lines = [header]
     for row in report["rows"]:
         line = (f"{row['label']:>8} {row['top1']:>7.2f} {row['top5']:>7.2f} {row['loss']:>7.4f} "
                 f"{row['params'] / 1e6:>8.3f}M {row['madds'] / 1e6:>9.2f}M")
         if latency is not None:
             line += f" {row['latency_ms_b1']:>8.2f} {row['latency_ms_bN']:>9.2f}"
+        if table is not None:
+            line += f" {row['predicted_latency_ms']:>10.2f}"
         lines.append(line)
     for row in report["rows"]:
         if row.get("routes"):

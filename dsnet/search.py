@@ -37,6 +37,7 @@ from .madds import count_madds, count_params
 from .metrics import batch_sums, metric_sums, summarize
 from .mobilenetv2 import DSMobileNetV2
 from .plans import write_plan_file
+from .latency import check_latency_budget, format_ms, parse_latency, read_table_for
 from .widths import WidthPlan
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
@@ -78,6 +79,7 @@ class SearchStep:
     loss: float  # its held-out cross-entropy
     narrowed: str | None  # the group (or stage) narrowed in this step (None: the starting plan)
     channels: int | float | None  # its new channel count (its new width multiplier, for a stage)
+    cost: float | None = None  # what the budget limits: MAdds, or the predicted latency in seconds
 
 
 @dataclass
@@ -111,15 +113,23 @@ class _Candidate:
         return saved < needed, (self.loss - loss) / saved
 
 
-def start_plan(model: DSMobileNetV2, target_madds: int, start: str, img_size: int | None = None) -> WidthPlan:
-    """Where a search begins: `largest` (AutoSlim), or `nearest`: the narrowest width choice whose MAdds are at
-    least `target_madds` (the largest when every choice is below it)."""
+Cost = Callable[[WidthPlan], float]  # what a budget limits: MAdds (the default) or a predicted latency
+
+
+def madds_cost(model: DSMobileNetV2, img_size: int | None) -> Cost:
+    return lambda plan: count_madds(model, plan, img_size)
+
+
+def start_plan(model: DSMobileNetV2, target: float, start: str, img_size: int | None = None,
+               cost: Cost | None = None) -> WidthPlan:
+    """Where a search begins: `largest` (AutoSlim), or `nearest`: the narrowest width choice whose cost (MAdds by
+    default) is at least `target` (the largest when every choice is below it)."""
+    cost = cost or madds_cost(model, img_size)
     if start == "largest":
         return model.largest
     if start != "nearest":
         raise ValueError(f"start must be 'nearest' or 'largest', got {start!r}")
-    return next((plan for plan in model.choice_plans if count_madds(model, plan, img_size) >= target_madds),
-                model.largest)
+    return next((plan for plan in model.choice_plans if cost(plan) >= target), model.largest)
 
 
 def narrowest_plan(model: DSMobileNetV2, min_channels: int) -> WidthPlan:
@@ -165,30 +175,30 @@ def search_batches(options: DataOptions, calibration: int, evaluation: int, batc
     return calibration_batches, load(order[cut:needed])
 
 
-def _group_moves(model: DSMobileNetV2, plan: WidthPlan, madds: int, needed: int, step: int, min_channels: int,
-                 img_size: int | None):
-    """(group, channels, width, MAdds) of each group narrowed by as many `step`-channel steps as saving `needed`
-    MAdds takes (fewer where `min_channels` stops it)."""
+def _group_moves(model: DSMobileNetV2, plan: WidthPlan, madds: float, needed: float, step: int, min_channels: int,
+                 cost: Cost):
+    """(group, channels, width, cost) of each group narrowed by as many `step`-channel steps as saving `needed`
+    takes (fewer where `min_channels` stops it)."""
     channels = plan.as_dict()
     for name in model.group_names:
         narrower, candidate_madds, candidate = channels[name], madds, None
         while madds - candidate_madds < needed and narrower > min_channels:
             narrower = max(narrower - step, min_channels)
             candidate = {**channels, name: narrower}
-            candidate_madds = count_madds(model, candidate, img_size)
+            candidate_madds = cost(model.resolve_width(candidate))
         if candidate is not None:
             yield name, narrower, candidate, candidate_madds
 
 
-def _stage_moves(model: DSMobileNetV2, stages: tuple[int, ...], madds: int, needed: int, img_size: int | None):
-    """(stage, multiplier, per-stage choice indices, MAdds) of each stage moved down as many width choices as saving
-    `needed` MAdds takes (fewer at the smallest choice)."""
+def _stage_moves(model: DSMobileNetV2, stages: tuple[int, ...], madds: float, needed: float, cost: Cost):
+    """(stage, multiplier, per-stage choice indices, cost) of each stage moved down as many width choices as saving
+    `needed` takes (fewer at the smallest choice)."""
     for s, name in enumerate(model.stage_names):
         index, candidate_madds, candidate = stages[s], madds, None
         while madds - candidate_madds < needed and index > 0:
             index -= 1
             candidate = (*stages[:s], index, *stages[s + 1:])
-            candidate_madds = count_madds(model, candidate, img_size)
+            candidate_madds = cost(model.resolve_width(candidate))
         if candidate is not None and candidate_madds < madds:  # the head, for one, never narrows below 1280
             yield name, model.widths[index], candidate, candidate_madds
 
@@ -197,9 +207,11 @@ def search_plan(model: DSMobileNetV2, target_madds: int, calibration_batches: Se
                 eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], step: int = 8, min_channels: int = 8,
                 img_size: int | None = None,
                 progress: Callable[[SearchStep, int, float], None] | None = None,
-                start: str = "nearest", steps: int = 10, granularity: str = "channels") -> SearchResult:
+                start: str = "nearest", steps: int = 10, granularity: str = "channels",
+                cost: Cost | None = None) -> SearchResult:
     """Greedily narrow a width choice until its MAdds are at most `target_madds` (see the module docstring);
-    `start` is `nearest` or `largest` (see `start_plan`).
+    `start` is `nearest` or `largest` (see `start_plan`). With `cost` (a plan's predicted latency, say) the budget
+    `target_madds` and the saving of each move are in its unit instead of MAdds.
 
     The way from the start to the target is cut into about `steps` equal MAdds savings. Each candidate narrows one
     group by as many `step`-channel steps as that saving needs (fewer where `min_channels` stops it), so the
@@ -213,21 +225,22 @@ def search_plan(model: DSMobileNetV2, target_madds: int, calibration_batches: Se
         raise ValueError(f"granularity must be 'channels' or 'stage', got {granularity!r}")
     if step < 1 or min_channels < 1 or steps < 1:
         raise ValueError(f"step, min_channels and steps must be at least 1, got {step}, {min_channels} and {steps}")
-    floor = count_madds(model, narrowest_plan(model, min_channels), img_size)
+    measure = cost or madds_cost(model, img_size)
+    floor = measure(narrowest_plan(model, min_channels))
     if target_madds < floor:
-        raise ValueError(f"MAdds target {_millions(target_madds)} is below the {_millions(floor)} that the "
-                         f"narrowest allowed plan needs")
-    plan = start_plan(model, target_madds, start, img_size)
+        raise ValueError(f"the target {target_madds:g} is below the {floor:g} that the narrowest allowed plan needs")
+    plan = start_plan(model, target_madds, start, img_size, measure)
     stages = (plan.choice,) * len(model.stage_names) if granularity == "stage" else None
-    madds = count_madds(model, plan, img_size)
-    saving = max(1, math.ceil((madds - target_madds) / steps))
+    madds = measure(plan)
+    saving = (madds - target_madds) / steps if cost is not None else max(1, math.ceil((madds - target_madds) / steps))
     top1, loss = evaluate_plan(model, plan, eval_batches)
-    trajectory = [SearchStep(madds, count_params(model, plan), top1, loss, None, None)]
+    trajectory = [SearchStep(count_madds(model, plan, img_size), count_params(model, plan), top1, loss, None, None,
+                             madds)]
     while madds > target_madds:
         began = time.perf_counter()
         needed = min(saving, madds - target_madds)
-        moves = (_stage_moves(model, stages, madds, needed, img_size) if stages is not None else
-                 _group_moves(model, plan, madds, needed, step, min_channels, img_size))
+        moves = (_stage_moves(model, stages, madds, needed, measure) if stages is not None else
+                 _group_moves(model, plan, madds, needed, step, min_channels, measure))
         candidates = []
         for name, value, width, candidate_madds in moves:
             candidate = model.resolve_width(width)
@@ -241,15 +254,17 @@ def search_plan(model: DSMobileNetV2, target_madds: int, calibration_batches: Se
         # min keeps the first of equal candidates: the earlier group.
         best = min(candidates, key=lambda c: c.cost(loss, madds, needed))
         plan, madds, top1, loss, stages = best.plan, best.madds, best.top1, best.loss, best.stages
-        trajectory.append(SearchStep(madds, count_params(model, plan), top1, loss, best.narrowed, best.channels))
+        trajectory.append(SearchStep(count_madds(model, plan, img_size), count_params(model, plan), top1, loss,
+                                     best.narrowed, best.channels, madds))
         if progress is not None:
             progress(trajectory[-1], len(candidates), time.perf_counter() - began)
     if not model.has_bn_statistics(plan):
         recalibrate_bn(model, plan, calibration_batches)
-    result = SearchResult(plan, madds, count_params(model, plan), top1, trajectory, loss, searched=plan)
+    result = SearchResult(plan, count_madds(model, plan, img_size), count_params(model, plan), top1, trajectory, loss,
+                          searched=plan)
     # The widest width choice within the budget is a plan the search could return too, and the supernet trained it:
     # the result is never worse on the held-out batches (top-1, then loss) than that width.
-    within = [i for i, choice in enumerate(model.choice_plans) if count_madds(model, choice, img_size) <= target_madds]
+    within = [i for i, choice in enumerate(model.choice_plans) if measure(choice) <= target_madds]
     if within and within[-1] != plan.choice:
         i = within[-1]
         choice_top1, choice_loss = evaluate_plan(model, i, eval_batches)
@@ -267,9 +282,15 @@ def build_parser() -> ArgumentParser:
                     "layer group that costs the least held-out accuracy, until the plan's MAdds meet the target; "
                     "write the plan as JSON for python -m dsnet.export --plan.")
     add_checkpoint_args(parser)
-    parser.add_argument("--target-madds", required=True, metavar="M",
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-madds", metavar="M",
                         help="MAdds budget per image: an absolute count (150M, 1.2e8, 2G) or, for a value ≤ 1, a "
                              "fraction of the largest width's MAdds (0.5)")
+    budget.add_argument("--target-latency", metavar="T",
+                        help="latency budget of the dense network, as --lut predicts it (4ms, 800us): the budget "
+                             "and the cost of every move are predicted latency instead of MAdds")
+    parser.add_argument("--lut", metavar="LUT.json",
+                        help="latency table of this supernet (python -m dsnet.latency); needed by --target-latency")
     parser.add_argument("--out", required=True, metavar="PLAN.json",
                         help="output plan file; its directory must exist")
     add_data_args(parser)
@@ -299,33 +320,45 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.target_latency is None) != (args.lut is None):
+        parser.error("--target-latency and --lut go together")
     check_output_path(args.out)
 
     state, model, weights = open_checkpoint(args.checkpoint, args.weights)
     img_size = input_size(state, model)
     largest = count_madds(model, model.largest, img_size)
-    floor = count_madds(model, narrowest_plan(model, args.min_channels), img_size)
-    target = parse_madds_target(args.target_madds, largest, floor)
+    narrowest = narrowest_plan(model, args.min_channels)
+    cost, table = None, None
+    if args.lut is not None:
+        table = read_table_for(args.lut, model, img_size)
+        cost = table.predict
+        target = check_latency_budget(parse_latency(args.target_latency), table, narrowest, model.largest)
+    else:
+        target = parse_madds_target(args.target_madds, largest, count_madds(model, narrowest, img_size))
     model.to(resolve_device(args.device))
     keep_freed_memory()  # as train.py does by default: batches reuse freed memory instead of page-faulting fresh
     options = training_data_options(state, model, args.data, args.data_dir)
     calibration, held_out = search_batches(options, args.recalibrate_batches, args.eval_batches, args.batch_size,
                                            args.seed)
-    print(f"searching for MAdds ≤ {_millions(target)} at {img_size}×{img_size} (largest width "
-          f"{_millions(largest)}), {weights} weights, {len(held_out)} held-out batches of {args.batch_size} "
+    budget = (f"predicted latency ≤ {format_ms(target)} ({table.describe()}; largest width "
+              f"{format_ms(table.predict(model.largest))})" if table else
+              f"MAdds ≤ {_millions(target)} at {img_size}×{img_size} (largest width {_millions(largest)})")
+    print(f"searching for {budget}, {weights} weights, {len(held_out)} held-out batches of {args.batch_size} "
           f"{options.data} training images")
 
     def report(step: SearchStep, candidates: int, seconds: float) -> None:
-        print(f"{step.narrowed} → {step.channels}: MAdds {_millions(step.madds)}, held-out top-1 {step.top1:.2f}%, "
-              f"loss {step.loss:.4f} "
-              f"({candidates} candidates, {seconds:.1f} s)", flush=True)
+        latency = f", predicted {format_ms(step.cost)}" if table else ""
+        print(f"{step.narrowed} → {step.channels}: MAdds {_millions(step.madds)}{latency}, held-out top-1 "
+              f"{step.top1:.2f}%, loss {step.loss:.4f} ({candidates} candidates, {seconds:.1f} s)", flush=True)
 
     result = search_plan(model, target, calibration, held_out, args.step, args.min_channels, img_size, report,
-                         args.start, args.steps, args.granularity)
+                         args.start, args.steps, args.granularity, cost)
     # The width choices on the same held-out batches (with their own BN statistics), to compare with.
-    uniform = [dict(width=w, madds=count_madds(model, i, img_size), **dict(zip(("top1", "loss"),
-                                                                             evaluate_plan(model, i, held_out))))
+    uniform = [dict(width=w, madds=count_madds(model, i, img_size),
+                    **({"predicted_latency_s": table.predict(model.choice_plans[i])} if table else {}),
+                    **dict(zip(("top1", "loss"), evaluate_plan(model, i, held_out))))
                for i, w in enumerate(model.widths)]
     end = result.trajectory[-1]
     if result.width_choice is not None:
@@ -336,10 +369,12 @@ def main(argv: list[str] | None = None) -> int:
                     recalibrate_batches=args.recalibrate_batches, batch_size=args.batch_size, seed=args.seed)
     write_plan_file(args.out, result.plan, madds=result.madds, params=result.params, top1=result.top1,
                     loss=result.loss, width_choice=result.width_choice, searched_plan=result.searched.as_dict(),
-                    target_madds=target, img_size=img_size,
+                    **({"target_latency_s": target, "predicted_latency_s": table.predict(result.plan),
+                        "lut": args.lut} if table else {"target_madds": target}), img_size=img_size,
                     weights=weights, data=options.data, search=settings, uniform=uniform,
                     trajectory=[asdict(s) for s in result.trajectory])
-    print(f"wrote {args.out}: MAdds {_millions(result.madds)}, params {result.params / 1e6:.3f}M, held-out top-1 "
+    latency = f", predicted latency {format_ms(table.predict(result.plan))}" if table else ""
+    print(f"wrote {args.out}: MAdds {_millions(result.madds)}{latency}, params {result.params / 1e6:.3f}M, held-out top-1 "
           f"{result.top1:.2f}%" + (f" (width {result.width_choice})" if result.width_choice is not None else
                                    f" after {len(result.trajectory) - 1} steps"))
     return 0

@@ -22,6 +22,7 @@ from .config import data_options, model_config, recorded_config
 from .data import DataOptions, calibration_batches
 from .distributed import GradSync, always_sync
 from .gate import GatedDSNet, GateConfig, check_gate_config, default_routes, insert_gate
+from .latency import format_ms, parse_latency, read_table_for
 from .gate_training import GateLosses, epoch_metrics, evaluate_gated, gate_step, set_trainable, target_madds
 from .madds import count_madds
 from .metrics import batch_sums, metric_sums, summarize
@@ -247,6 +248,20 @@ def check_target_in_route_range(value: float, route_madds: torch.Tensor) -> None
                         f"{low / 1e6:.2f}M to {high / 1e6:.2f}M MAdds, fractions {low / high:.3f} to 1 of the widest")
 
 
+def route_latency_budget(config: dict[str, Any], gated: GatedDSNet) -> tuple[torch.Tensor, float]:
+    """(each route's predicted latency, the target) in seconds, from --lut and --target-latency; UserError when one
+    is missing, the table does not fit the network, or the target lies outside the routes' range."""
+    if config["target_latency"] is None or config["lut"] is None:
+        raise UserError("--target-latency and --lut go together")
+    table = read_table_for(config["lut"], gated.supernet, config["img_size"])
+    routes = torch.tensor([table.predict(plan) for plan in gated.route_plans], dtype=torch.float64)
+    target, low, high = parse_latency(config["target_latency"]), float(routes.min()), float(routes.max())
+    if not low * (1 - 1e-9) <= target <= high * (1 + 1e-9):
+        raise UserError(f"--target-latency {format_ms(target)} is outside the routes' range: {format_ms(low)} to "
+                        f"{format_ms(high)} predicted ({table.describe()})")
+    return routes, target
+
+
 class GateStage:
     """Stage II: the gate of a stage-I supernet, trained with SGS and the MAdds loss."""
 
@@ -267,7 +282,11 @@ class GateStage:
         else:
             self.model = build_gated_network(self.config, self.init_state, num_classes, device)
             self.init_state = None
-        check_target_in_route_range(self.config["target_madds"], self.model.route_madds(self.config["img_size"]))
+        if self.config["target_latency"] is not None or self.config["lut"] is not None:
+            self.losses.route_latency, self.losses.target_latency = route_latency_budget(self.config, self.model)
+        else:
+            check_target_in_route_range(self.config["target_madds"],
+                                        self.model.route_madds(self.config["img_size"]))
         set_trainable(self.model, self.config["finetune_supernet"])
         return self.model
 

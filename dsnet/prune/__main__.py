@@ -14,6 +14,7 @@ from ..cli_inputs import (add_checkpoint_args, add_data_args, add_device_arg, in
                           resolve_device, training_data_options)
 from ..cpu_memory import keep_freed_memory
 from ..data import build_dataset, build_loader, build_transform, calibration_batches
+from ..latency import check_latency_budget, format_ms, parse_latency, read_table_for
 from ..madds import count_madds, count_params
 from ..plans import write_plan_file
 from ..search import narrowest_plan, parse_madds_target
@@ -41,6 +42,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--target-madds", metavar="M",
                         help="MAdds budget per image: an absolute count (150M, 1.2e8) or, for a value ≤ 1, a "
                              "fraction of the largest width's MAdds (0.5); default: the method's own rule with --sparsity")
+    parser.add_argument("--target-latency", metavar="T",
+                        help="instead of --target-madds: a latency budget of the pruned dense network as --lut "
+                             "predicts it (4ms, 800us); the method's target cut meets it")
+    parser.add_argument("--lut", metavar="LUT.json",
+                        help="latency table of this supernet (python -m dsnet.latency); needed by --target-latency")
     parser.add_argument("--sparsity", type=FRACTION, default=0.5, metavar="F",
                         help="without --target-madds: the fraction of channels the method's own rule prunes (l1: "
                              "per group; bn-scale: global percentile; taylor: of all channels; dcp: η per group; "
@@ -85,6 +91,10 @@ def check_args(args) -> None:
         raise UserError(f"--out {args.out!r} exists and is not a directory")
     if not out.parent.is_dir():
         raise UserError(f"--out {args.out!r}: directory {str(out.parent)!r} does not exist")
+    if (args.target_latency is None) != (args.lut is None):
+        raise UserError("--target-latency and --lut go together")
+    if args.target_latency is not None and args.target_madds is not None:
+        raise UserError("give one target: --target-madds or --target-latency")
     if args.polarization_t is not None and args.method != "polarization":
         raise UserError(f"--polarization-t applies to --method polarization, not {args.method}")
 
@@ -97,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     largest = count_madds(model, model.largest, img_size)
     floor = count_madds(model, narrowest_plan(model, args.min_channels), img_size)
     target = None if args.target_madds is None else parse_madds_target(args.target_madds, largest, floor)
+    table = target_latency = None
+    if args.lut is not None:
+        table = read_table_for(args.lut, model, img_size)
+        target_latency = check_latency_budget(parse_latency(args.target_latency), table,
+                                              narrowest_plan(model, args.min_channels), model.largest)
     model.to(resolve_device(args.device))
     keep_freed_memory()  # as train.py does by default: batches reuse freed memory instead of page-faulting fresh
     torch.manual_seed(args.seed)
@@ -112,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
                              args.penalty, args.score_batches)
     if args.polarization_t is not None:
         settings.polarization_t = args.polarization_t
-    print(f"pruning {args.checkpoint} ({weights} weights) with {args.method}"
-          + (f" to MAdds ≤ {target / 1e6:.2f}M" if target else f" at sparsity {args.sparsity:g}")
+    settings.target_latency = target_latency
+    goal = (f" to a predicted latency ≤ {format_ms(target_latency)} ({table.describe()})" if table else
+            f" to MAdds ≤ {target / 1e6:.2f}M" if target else f" at sparsity {args.sparsity:g}")
+    print(f"pruning {args.checkpoint} ({weights} weights) with {args.method}" + goal
           + f", {options.data} at {img_size}×{img_size}")
     result = prune_supernet(model, settings, train_loader, calibration, val_loader, img_size, args.finetune_epochs,
-                            args.finetune_lr, print)
+                            args.finetune_lr, print, table.predict if table else None)
 
     out = Path(args.out)
     out.mkdir(exist_ok=True)
@@ -125,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(network, tmp)
     report = dict(method=args.method, checkpoint=str(args.checkpoint), weights=weights, data=options.data,
                   img_size=img_size, rule=result.outcome.rule, target_madds=target,
+                  **({"target_latency_s": target_latency, "lut": args.lut,
+                      "predicted_latency_s": table.predict(result.plan)} if table else {}),
                   largest=dict(madds=largest, params=count_params(model, model.largest),
                                top1=result.top1_unpruned),
                   pruned=dict(madds=result.madds, params=result.params, top1_recalibrated=result.top1_recalibrated,

@@ -42,6 +42,7 @@ class PruneSettings:
     penalty: float | None = None  # the regularizer's strength (None: the method's `default_penalty`)
     score_batches: int = 4  # batches per Taylor scoring pass and per DCP feature capture
     polarization_t: float = 1.2  # polarization's t (the authors' ResNet-50 value)
+    target_latency: float | None = None  # seconds, predicted by the context's `latency_of`, instead of MAdds
 
 
 @dataclass
@@ -52,6 +53,16 @@ class Context:
     settings: PruneSettings
     madds_of: Callable[[Keep], int]
     log: Callable[[str], None] = print
+    latency_of: Callable[[Keep], float] | None = None  # predicted seconds (with `settings.target_latency`)
+
+    def budget(self) -> tuple[Callable[[Keep], float], float] | None:
+        """(cost of a cut, the target it must meet): predicted latency or MAdds; None without a target."""
+        s = self.settings
+        if s.target_latency is not None:
+            return self.latency_of, s.target_latency
+        if s.target_madds is not None:
+            return self.madds_of, s.target_madds
+        return None
 
     @property
     def device(self) -> torch.device:

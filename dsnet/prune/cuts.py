@@ -50,8 +50,9 @@ def keep_after(groups: Sequence[ChannelGroup], sequence: Sequence[str], pruned: 
 
 
 def global_cut_for_target(groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor], min_channels: int,
-                          madds_of: Callable[[Keep], int], target: int) -> Keep:
-    """The fewest lowest-scoring channels, pruned across all groups, whose plan meets `target` MAdds."""
+                          madds_of: Callable[[Keep], float], target: float) -> Keep:
+    """The fewest lowest-scoring channels, pruned across all groups, whose plan meets `target` (`madds_of` may
+    count any cost that grows with the channels: MAdds, a predicted latency)."""
     sequence = global_prune_sequence(groups, scores, min_channels)
     if madds_of(keep_after(groups, sequence, len(sequence))) > target:
         raise ValueError("the target cannot be met with every group at its minimum width")
@@ -66,8 +67,8 @@ def global_cut_for_target(groups: Sequence[ChannelGroup], scores: Mapping[str, t
 
 
 def uniform_cut_for_target(groups: Sequence[ChannelGroup], min_channels: int,
-                           keep_count: Callable[[int, float], int], madds_of: Callable[[Keep], int],
-                           target: int, iterations: int = 40) -> tuple[float, Keep]:
+                           keep_count: Callable[[int, float], int], madds_of: Callable[[Keep], float],
+                           target: float, iterations: int = 40) -> tuple[float, Keep]:
     """The smallest fraction, pruned from every group alike, whose plan meets `target` MAdds."""
     if madds_of(uniform_keep(groups, 1.0, min_channels, keep_count)) > target:
         raise ValueError("the target cannot be met with every group at its minimum width")

@@ -61,9 +61,10 @@ class GateDecorator(PruneMethod):
         return {name: int(m.sum()) for name, m in self.masks.items()}
 
     def done(self) -> bool:
-        s = self.settings
-        if s.target_madds is not None:
-            return self.ctx.madds_of(self.kept()) <= s.target_madds
+        s, budget = self.settings, self.ctx.budget()
+        if budget is not None:
+            cost, target = budget
+            return cost(self.kept()) <= target
         total = sum(g.channels for g in self.ctx.groups)
         return total - sum(self.kept().values()) >= distiller_prune_count(total, s.sparsity)
 
@@ -106,6 +107,6 @@ class GateDecorator(PruneMethod):
         return self.final_scores
 
     def own_cut(self, scores: Scores) -> tuple[Keep, str]:
-        if self.settings.target_madds is not None:
-            return self.kept(), "tick-tock global pruning until the MAdds target is met"
+        if self.ctx.budget() is not None:
+            return self.kept(), "tick-tock global pruning until the target is met"
         return self.kept(), f"tick-tock global pruning of {self.settings.sparsity:g} of all channels"

@@ -57,20 +57,19 @@ def channel_order(outcome: Outcome, group: ChannelGroup) -> torch.Tensor:
 def prune_channels(ctx: Context) -> Outcome:
     """Run the method's hooks and make its cut: with a MAdds target the shared cut of the method's shape, otherwise
     its own rule; no group below its floor."""
-    s = ctx.settings
+    s, budget = ctx.settings, ctx.budget()
     method = REGISTRY[s.method](ctx)
     if method.cut == "uniform":  # the fraction is chosen before the training phase, which prunes to it
-        if s.target_madds is not None:
-            fraction, keep = uniform_cut_for_target(ctx.groups, s.min_channels, method.keep_count, ctx.madds_of,
-                                                    s.target_madds)
+        if budget is not None:
+            fraction, keep = uniform_cut_for_target(ctx.groups, s.min_channels, method.keep_count, *budget)
         else:
             fraction, keep = s.sparsity, uniform_keep(ctx.groups, s.sparsity, s.min_channels, method.keep_count)
-        method.plan(fraction, keep, targeted=s.target_madds is not None)
+        method.plan(fraction, keep, targeted=budget is not None)
     method.train()
     scores = method.scores()
-    if method.cut == "global" and s.target_madds is not None:
-        keep = global_cut_for_target(ctx.groups, scores, s.min_channels, ctx.madds_of, s.target_madds)
-        rule = "global cut meeting the MAdds target"
+    if method.cut == "global" and budget is not None:
+        keep = global_cut_for_target(ctx.groups, scores, s.min_channels, *budget)
+        rule = "global cut meeting the " + ("latency" if s.target_latency is not None else "MAdds") + " target"
     else:
         keep, rule = method.own_cut(scores)
     keep = {g.name: max(keep[g.name], floor_of(g, s.min_channels)) for g in ctx.groups}
@@ -108,7 +107,9 @@ def finetune(network: nn.Module, loader, epochs: int, lr: float, device: torch.d
 
 def prune_supernet(model: DSMobileNetV2, settings: PruneSettings, train_loader, calibration: Sequence[torch.Tensor],
                    val_loader, img_size: int, finetune_epochs: int = 0, finetune_lr: float = 0.01,
-                   log: Callable[[str], None] = print) -> PruneResult:
+                   log: Callable[[str], None] = print,
+                   latency: Callable[[WidthPlan], float] | None = None) -> PruneResult:
+    """With `latency` (a table's `predict`) and `settings.target_latency`, the cut meets a predicted latency."""
     device = next(model.parameters()).device
     work = copy.deepcopy(model).eval()
     groups = derive_groups(work)
@@ -119,7 +120,11 @@ def prune_supernet(model: DSMobileNetV2, settings: PruneSettings, train_loader, 
     top1_unpruned = top1(work, val_loader, device, work.largest)
     log(f"{len(groups)} coupled channel groups; largest width: MAdds {madds_of(work.largest.as_dict()) / 1e6:.2f}M, "
         f"val top-1 {top1_unpruned:.2f}%")
-    outcome = prune_channels(Context(work, groups, train_loader, settings, madds_of, log))
+    def latency_of(keep: Keep) -> float:
+        return latency(work.resolve_width(keep))
+
+    outcome = prune_channels(Context(work, groups, train_loader, settings, madds_of, log,
+                                     latency_of if latency is not None else None))
     orders = {g.name: channel_order(outcome, g) for g in groups}
     permute_groups(work, groups, orders)
     plan = work.resolve_width(outcome.keep)
