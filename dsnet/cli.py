@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -56,6 +58,19 @@ NON_NEGATIVE = Number(float, low=0)
 POSITIVE = Number(float, low=0, open_low=True)
 PROBABILITY = Number(float, 0, 1)
 FRACTION = Number(float, 0, 1, open_high=True)  # [0, 1): a share that cannot be all
+
+
+def parse_quantity(text: Any, units: str) -> tuple[float, str] | None:
+    """(positive finite number, unit) of `text` such as `150M` or `4 ms`, `units` being a regex alternation of the
+    allowed units; None when it is not one."""
+    match = re.fullmatch(rf"\s*([0-9.eE+-]+)\s*({units})\s*", str(text))
+    if not match:
+        return None
+    try:
+        value = float(match.group(1))
+    except ValueError:
+        return None
+    return (value, match.group(2)) if math.isfinite(value) and value > 0 else None
 
 
 def read_yaml_mapping(path: str) -> dict[str, Any]:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
-import re
 import statistics
 import sys
 import warnings
@@ -37,7 +35,7 @@ from timm.layers import make_divisible
 
 from .blocks import Part
 from .cpu_memory import keep_freed_memory
-from .cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser, run_main
+from .cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser, parse_quantity, run_main
 from .errors import UserError
 from .export import DEFAULT_OPSET, fold_batch_norms
 from .files import write_text_atomic
@@ -57,16 +55,10 @@ _UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
 
 def parse_latency(text: str) -> float:
     """Seconds from `4ms`, `800us`, `0.01s` (a unit is required)."""
-    match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(s|ms|us|µs)\s*", str(text))
-    value = None
-    if match:
-        try:
-            value = float(match.group(1))
-        except ValueError:
-            pass
-    if value is None or not math.isfinite(value) or value <= 0:
+    quantity = parse_quantity(text, "s|ms|us|µs")
+    if quantity is None:
         raise UserError(f"latency {text!r} is not a positive time with a unit (4ms, 800us, 0.01s)")
-    return value * _UNITS[match.group(2)]
+    return quantity[0] * _UNITS[quantity[1]]
 
 
 def format_ms(seconds: float) -> str:
@@ -374,9 +366,9 @@ class LatencyTable:
         if not grid[0] <= channels <= grid[-1]:
             raise UserError(f"latency table {self.source!r} has no timings of layer group '{group}' at {channels} "
                             f"channels: it covers {grid[0]} to {grid[-1]} (make it with a lower --min-channels)")
-        i = min(bisect_right(grid, channels) - 1, len(grid) - 2) if len(grid) > 1 else 0
         if len(grid) == 1:
             return 0, 0.0
+        i = min(bisect_right(grid, channels) - 1, len(grid) - 2)
         return i, (channels - grid[i]) / (grid[i + 1] - grid[i])
 
 

@@ -18,7 +18,6 @@ the searched plan on the held-out batches, the search returns it (and says so).
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -27,7 +26,7 @@ import torch
 from torch.utils.data import Subset
 
 from .bn_slots import recalibrate_bn
-from .cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser, run_main
+from .cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser, parse_quantity, run_main
 from .errors import UserError
 from .cli_inputs import (add_checkpoint_args, add_data_args, add_device_arg, check_output_path, input_size,
                          open_checkpoint, resolve_device, training_data_options)
@@ -48,16 +47,10 @@ def parse_madds_target(text: str, largest_madds: int, smallest_madds: int | None
 
     UserError when the text is not a count, or the budget is above `largest_madds` or below `smallest_madds`.
     """
-    match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMgG]?)\s*", str(text))
-    value = None
-    if match:
-        try:
-            value = float(match.group(1))
-        except ValueError:
-            pass
-    if value is None or not math.isfinite(value) or value <= 0:
+    quantity = parse_quantity(text, "[kKmMgG]?")
+    if quantity is None:
         raise UserError(f"MAdds target {text!r} is not a positive count (150M, 1.2e8, 2G) or fraction (0.5)")
-    suffix = match.group(2).lower()
+    value, suffix = quantity[0], quantity[1].lower()
     target = round(value * largest_madds) if not suffix and value <= 1 else round(value * _SUFFIXES[suffix])
     if target > largest_madds:
         raise UserError(f"MAdds target {_millions(target)} is above the largest width's {_millions(largest_madds)}")

@@ -240,7 +240,7 @@ def test_eval_predicts_every_row(digits_checkpoint, digits_fake_table, tmp_path,
 
 
 def test_the_gate_refuses_a_latency_target_outside_its_routes(digits_checkpoint, digits_fake_table, tmp_path, capsys):
-    import train
+    from dsnet import train
 
     code, _, err = run_command(train.main, [
         "--stage", "gate", "--init", digits_checkpoint, "--output", tmp_path / "gate", "--epochs", "1",
