@@ -149,28 +149,33 @@ def write_export(fmt: str, dense: nn.Module, example: torch.Tensor, path: Path, 
         torch.save(dense, path)
 
 
-@torch.no_grad()
-def run_export(fmt: str, path: Path, x: torch.Tensor, timm_name: str | None, num_classes: int) -> torch.Tensor:
-    """Load a written export the way its user would, and run it on `x`."""
+def load_export(fmt: str, path: Path, timm_name: str | None = None, num_classes: int = 0):
+    """Load a written export the way its user would: a function of an input batch to its logits."""
     if fmt == "export":
-        return load_torch_export(path)(x)
-    if fmt == "torchscript":
-        return torch.jit.load(str(path))(x)
-    if fmt == "onnx":
+        network = load_torch_export(path)
+    elif fmt == "torchscript":
+        network = torch.jit.load(str(path))
+    elif fmt == "onnx":
         try:
             import onnxruntime
         except ImportError:
             raise UserError("checking an ONNX export needs onnxruntime (pip install onnxruntime)") from None
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        (logits,) = session.run(["logits"], {"input": x.numpy()})
-        return torch.from_numpy(logits)
-    if fmt == "timm":
+        return lambda x: torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
+    elif fmt == "timm":
         import timm
 
         network = timm.create_model(timm_name, num_classes=num_classes, pretrained=False)
         network.load_state_dict(torch.load(path, weights_only=True), strict=True)
-        return network.eval()(x)
-    return torch.load(path, weights_only=False).eval()(x)
+        network.eval()
+    else:
+        network = torch.load(path, weights_only=False).eval()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return network(x)
+
+    return run
 
 
 def build_parser() -> ArgumentParser:
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(args.out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracing and the TorchScript-based ONNX exporter warn of their deprecation
         write_export(args.format, dense, example, tmp, args.opset, keep_bn=args.keep_bn)
-        diff = (run_export(args.format, tmp, x, timm_name, model.config.num_classes) - expected).abs().max().item()
+        diff = (load_export(args.format, tmp, timm_name, model.config.num_classes)(x) - expected).abs().max().item()
         refuse_unless_close(args.format, diff, tolerance, "the supernet")
     report_written(args.out, args.format)
     print(f"check: reloaded file vs supernet on {CHECK_BATCH} random inputs: max abs diff {diff:.3g} "
@@ -319,9 +324,9 @@ def export_gated_network(args) -> int:
             write_onnx_routes(dense, example, tmp, args.opset, routes_meta)
         else:
             torch.save(dense, tmp)
-        diff = 0.0
+        diff, reloaded = 0.0, load_gated_export(args.format, tmp)
         for x, (logits, info) in zip(batches, expected):
-            got, routes = run_gated_export(args.format, tmp, x)
+            got, routes = reloaded(x)
             if not torch.equal(routes.long(), info.routes):
                 raise UserError(f"the reloaded {args.format} export routes inputs differently from the gated network "
                                 f"({routes.tolist()} against {info.routes.tolist()}); nothing written")
@@ -333,13 +338,11 @@ def export_gated_network(args) -> int:
     return 0
 
 
-@torch.no_grad()
-def run_gated_export(fmt: str, path: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load a written gated export the way its user would; returns (logits, routes) of `x`."""
+def load_gated_export(fmt: str, path: Path):
+    """Load a written gated export the way its user would: a function of an input batch to (logits, routes)."""
     if fmt == "onnx":
-        logits, routes = run_onnx_routes(path, x.numpy())
-        return torch.from_numpy(logits), torch.from_numpy(routes)
-    return run_export(fmt, path, x, None, 0)  # the torch formats load as one width's do
+        return lambda x: tuple(torch.from_numpy(a) for a in run_onnx_routes(path, x.numpy()))
+    return load_export(fmt, path)  # the torch formats load as one width's do
 
 
 def _describe(model: DSMobileNetV2, plan: WidthPlan) -> str:

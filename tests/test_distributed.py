@@ -1,5 +1,7 @@
 """Runs of several processes under torchrun (2 gloo ranks on the CPU): identical ranks, SIGTERM, a rank that dies,
-ranks given different configs. Each launch starts three Python processes, so they are kept few."""
+ranks given different configs. Each launch starts three Python processes, so they are kept few, and they share one
+xdist group: two launches at once on a two-core machine leave each rank waiting for its peer's time slice at every
+all-reduce."""
 import os
 import subprocess
 import sys
@@ -52,32 +54,50 @@ STAGE_ONE = [*TINY, "--epochs", "1", "--batch-size", "64", "--accum-steps", "2",
              "--no-ema"]
 
 
-def torchrun(worker, port, out, *args):
+pytestmark = pytest.mark.xdist_group("torchrun")
+
+
+def test_the_launches_share_one_test_process(request):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("one test process: nothing runs beside the launches")
+    assert request.node.nodeid.endswith("@torchrun"), \
+        "pytest-xdist ignored the xdist_group mark (--dist loadgroup): check the pytest and pytest-xdist versions"
+
+
+def free_port() -> int:
+    """A port nothing listens on now: a fixed one can still be held by an earlier launch's closing sockets."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun(worker, out, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                             str(port), str(worker), *args, "--output", str(out)],
+                             str(free_port()), str(worker), *args, "--output", str(out)],
                             cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stage_one_run(tmp_path_factory):
     """(worker script, run folder, its output) of a 2-process stage-I run with STAGE_ONE's flags."""
     folder = tmp_path_factory.mktemp("ddp")
     worker = folder / "worker.py"
     worker.write_text(DDP_WORKER)
     out = folder / "stage1"
-    return worker, out, torchrun(worker, 29517, out, *STAGE_ONE).stdout
+    return worker, out, torchrun(worker, out, *STAGE_ONE).stdout
 
 
-@pytest.mark.xdist_group("stage_one_run")
 def test_two_process_torchrun_keeps_ranks_identical(stage_one_run, tmp_path):
     """Stage I, then stage II from its checkpoint, each a 2-process run: identical weights on both ranks, logs and
     files from rank 0 only."""
     worker, out, stdout = stage_one_run
     gate = tmp_path / "ddp-gate"
-    gate_stdout = torchrun(worker, 29518, gate, "--stage", "gate", "--init", out / "best.pth", "--epochs", "1",
+    gate_stdout = torchrun(worker, gate, "--stage", "gate", "--init", out / "best.pth", "--epochs", "1",
              "--batch-size", "256", "--gate-calibration-batches", "2", "--warmup-epochs", "0", "--log-interval",
              "1000").stdout
     for run, printed in ((out, stdout), (gate, gate_stdout)):
@@ -91,13 +111,12 @@ def test_two_process_torchrun_keeps_ranks_identical(stage_one_run, tmp_path):
     assert "gate.slimming.weight" in rank0  # the second run trained the gated network
 
 
-@pytest.mark.xdist_group("stage_one_run")
 def test_one_gradient_all_reduce_per_optimizer_step(stage_one_run, tmp_path, monkeypatch):
     """Of the 8 backward passes of an optimizer step only the last all-reduces, and the weights are those of averaging
     the summed gradients by hand before each update (to 1e-6)."""
     worker, out, _ = stage_one_run
     monkeypatch.setenv("SYNC", "by-hand")
-    torchrun(worker, 29528, tmp_path / "by-hand", *STAGE_ONE)
+    torchrun(worker, tmp_path / "by-hand", *STAGE_ONE)
     once, reference = torch.load(f"{out}-rank0.pt"), torch.load(tmp_path / "by-hand-rank0.pt")
     assert once["updates"] == reference["updates"] >= 4
     assert once["reductions"] == once["updates"] and reference["reductions"] == 0
@@ -130,7 +149,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out)}
     launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                               "29519", str(worker), *TINY, "--batch-size", "32", "--epochs", "3",
+                               str(free_port()), str(worker), *TINY, "--batch-size", "32", "--epochs", "3",
                                "--save-every-steps", "2", "--output", str(out)],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
@@ -159,7 +178,7 @@ run_main(main, argv)
 """
 
 
-def launch_faulty(tmp_path, fault, port):
+def launch_faulty(tmp_path, fault):
     import time
 
     worker = tmp_path / "worker.py"
@@ -167,7 +186,7 @@ def launch_faulty(tmp_path, fault, port):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out), "FAULT": fault}
     launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                               str(port), str(worker), *TINY, "--batch-size", "32", "--epochs", "3",
+                               str(free_port()), str(worker), *TINY, "--batch-size", "32", "--epochs", "3",
                                "--save-every-steps", "2", "--output", str(out)],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return launch, out, time.monotonic()
@@ -177,7 +196,7 @@ def test_a_killed_rank_ends_the_run_with_a_message_that_names_it(tmp_path):
     import signal
     import time
 
-    launch, out, start = launch_faulty(tmp_path, "none", 29520)
+    launch, out, start = launch_faulty(tmp_path, "none")
     while not (out / "last.pth").exists() and launch.poll() is None and time.monotonic() < start + 120:
         time.sleep(0.2)
     os.kill(int((tmp_path / "ddp-pid1").read_text()), signal.SIGKILL)
@@ -191,15 +210,12 @@ def test_the_roll_call_names_the_missing_rank_and_what_it_said(monkeypatch):
     """The roll call the processes of a failed run take (in the key-value store torchrun holds; here a store of
     the test's own): a rank that reported its error is named with it, one that never answers as killed."""
     import datetime
-    import socket
 
     import torch.distributed as dist
 
     from dsnet.distributed import Distributed
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=10))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
@@ -216,7 +232,7 @@ def test_the_roll_call_names_the_missing_rank_and_what_it_said(monkeypatch):
 
 
 def test_ranks_given_different_configs_are_refused_at_start(tmp_path):
-    launch, out, _ = launch_faulty(tmp_path, "widths", 29522)
+    launch, out, _ = launch_faulty(tmp_path, "widths")
     _, stderr = launch.communicate(timeout=120)
     assert launch.returncode != 0
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
