@@ -6,6 +6,10 @@ on them) with `dsnet.latency`'s own builder, timing the channel counts of `--tab
 width and every random plan is interpolated. It then times the whole dense network of each plan, interleaved repeat
 by repeat (`dsnet/timing.py`), and prints predicted against measured. The last line is the median absolute error.
 
+A shared machine's speed drifts between the table's timing and the bench's: the width choices are timed in both, so
+the bench also prints their ratio (the drift) and the random plans' error once the prediction is scaled by it, the
+part of the error that is the table's own.
+
 A random plan gives each group its own multiplier, uniform between the narrowest and widest width choice, of its
 widest channel count, rounded to a multiple of 8 as timm rounds (at least the table's floor): the plans the
 channel-level search returns. (Counts off the multiples of 8 run slower than their neighbours on the CPU kernels,
@@ -84,8 +88,15 @@ def main() -> None:
         errors_all += errors
         median = statistics.median(errors)
         print(f"batch {batch}: median absolute error {100 * median:.1f}%, largest {100 * max(errors):.1f}%")
+        # The machine's own drift: the width choices timed now against the table's timing of the same networks.
+        drift = statistics.median(real / c["measured"] for real, c in zip(measured, table.data["calibration"]))
+        random_rows = rows[len(model.widths):]
+        drift_free = statistics.median(abs(r["predicted_ms"] * drift / r["measured_ms"] - 1) for r in random_rows)
+        print(f"batch {batch}: the width choices run ×{drift:.3f} the time the table measured for them; with that "
+              f"drift removed, the random plans' median absolute error is {100 * drift_free:.1f}%")
         report["results"].append({"batch_size": batch, "scale": table.scale, "overhead_ms": table.overhead * 1e3,
-                                  "median_abs_error": median, "rows": rows})
+                                  "median_abs_error": median, "drift": drift,
+                                  "random_plans_error_without_drift": drift_free, "rows": rows})
     if args.json:
         write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
     print(f"median absolute error over {len(errors_all)} predictions: {100 * statistics.median(errors_all):.1f}%")
