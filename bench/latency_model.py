@@ -89,7 +89,8 @@ def main() -> None:
         median = statistics.median(errors)
         print(f"batch {batch}: median absolute error {100 * median:.1f}%, largest {100 * max(errors):.1f}%")
         # The machine's own drift: the width choices timed now against the table's timing of the same networks.
-        drift = statistics.median(real / c["measured"] for real, c in zip(measured, table.data["calibration"]))
+        choices = measured[:len(model.widths)]  # the plans start with the width choices, in the table's order
+        drift = statistics.median(real / c["measured"] for real, c in zip(choices, table.data["calibration"]))
         random_rows = rows[len(model.widths):]
         drift_free = statistics.median(abs(r["predicted_ms"] * drift / r["measured_ms"] - 1) for r in random_rows)
         print(f"batch {batch}: the width choices run ×{drift:.3f} the time the table measured for them; with that "

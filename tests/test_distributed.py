@@ -73,13 +73,28 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def torchrun(worker, out, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+def launch(worker, out, *args, **env) -> subprocess.Popen:
+    """A 2-process torchrun of `worker` with `args`, writing to `out`, its output piped; `env` adds variables."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out), **env}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
                              str(free_port()), str(worker), *args, "--output", str(out)],
-                            cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def torchrun(worker, out, *args) -> str:
+    """Run a launch to its end; it must succeed. Returns its standard output."""
+    launched = launch(worker, out, *args)
+    try:
+        stdout, stderr = launched.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        launched.kill()
+        raise
+    assert launched.returncode == 0, stderr[-2000:]
+    return stdout
+
+
+# A run long enough to be stopped or killed once its first checkpoint is written.
+STOPPABLE_RUN = [*TINY, "--batch-size", "32", "--epochs", "3", "--save-every-steps", "2"]
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +104,7 @@ def stage_one_run(tmp_path_factory):
     worker = folder / "worker.py"
     worker.write_text(DDP_WORKER)
     out = folder / "stage1"
-    return worker, out, torchrun(worker, out, *STAGE_ONE).stdout
+    return worker, out, torchrun(worker, out, *STAGE_ONE)
 
 
 def test_two_process_torchrun_keeps_ranks_identical(stage_one_run, tmp_path):
@@ -99,7 +114,7 @@ def test_two_process_torchrun_keeps_ranks_identical(stage_one_run, tmp_path):
     gate = tmp_path / "ddp-gate"
     gate_stdout = torchrun(worker, gate, "--stage", "gate", "--init", out / "best.pth", "--epochs", "1",
              "--batch-size", "256", "--gate-calibration-batches", "2", "--warmup-epochs", "0", "--log-interval",
-             "1000").stdout
+             "1000")
     for run, printed in ((out, stdout), (gate, gate_stdout)):
         rank0 = torch.load(f"{run}-rank0.pt")["state"]
         rank1 = torch.load(f"{run}-rank1.pt")["state"]
@@ -147,17 +162,13 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(STOPPABLE_WORKER)
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out)}
-    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                               str(free_port()), str(worker), *TINY, "--batch-size", "32", "--epochs", "3",
-                               "--save-every-steps", "2", "--output", str(out)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    launched = launch(worker, out, *STOPPABLE_RUN)
     deadline = time.monotonic() + 120
-    while not (out / "last.pth").exists() and launch.poll() is None and time.monotonic() < deadline:
+    while not (out / "last.pth").exists() and launched.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    launch.send_signal(signal.SIGTERM)
-    stdout, stderr = launch.communicate(timeout=60)
-    assert launch.returncode != 0
+    launched.send_signal(signal.SIGTERM)
+    stdout, stderr = launched.communicate(timeout=60)
+    assert launched.returncode != 0
     ranks = [json.loads((tmp_path / f"ddp-rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0]["stopped_by"] == signal.SIGTERM, (ranks, stderr[-2000:])
     state = load_checkpoint(out / "last.pth")
@@ -184,25 +195,20 @@ def launch_faulty(tmp_path, fault):
     worker = tmp_path / "worker.py"
     worker.write_text(FAULTY_WORKER)
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_PREFIX": str(out), "FAULT": fault}
-    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                               str(free_port()), str(worker), *TINY, "--batch-size", "32", "--epochs", "3",
-                               "--save-every-steps", "2", "--output", str(out)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return launch, out, time.monotonic()
+    return launch(worker, out, *STOPPABLE_RUN, FAULT=fault), out, time.monotonic()
 
 
 def test_a_killed_rank_ends_the_run_with_a_message_that_names_it(tmp_path):
     import signal
     import time
 
-    launch, out, start = launch_faulty(tmp_path, "none")
-    while not (out / "last.pth").exists() and launch.poll() is None and time.monotonic() < start + 120:
+    launched, out, start = launch_faulty(tmp_path, "none")
+    while not (out / "last.pth").exists() and launched.poll() is None and time.monotonic() < start + 120:
         time.sleep(0.2)
     os.kill(int((tmp_path / "ddp-pid1").read_text()), signal.SIGKILL)
     start = time.monotonic()
-    _, stderr = launch.communicate(timeout=60)
-    assert launch.returncode != 0 and time.monotonic() - start < 60
+    _, stderr = launched.communicate(timeout=60)
+    assert launched.returncode != 0 and time.monotonic() - start < 60
     assert "error: rank 1 ended without a message (killed?); rank 0 stops too" in stderr.splitlines(), stderr[-3000:]
 
 
@@ -232,9 +238,9 @@ def test_the_roll_call_names_the_missing_rank_and_what_it_said(monkeypatch):
 
 
 def test_ranks_given_different_configs_are_refused_at_start(tmp_path):
-    launch, out, _ = launch_faulty(tmp_path, "widths")
-    _, stderr = launch.communicate(timeout=120)
-    assert launch.returncode != 0
+    launched, out, _ = launch_faulty(tmp_path, "widths")
+    _, stderr = launched.communicate(timeout=120)
+    assert launched.returncode != 0
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert lines and lines[0].startswith("error: rank ") and "widths is [0." in lines[0], stderr[-3000:]
     assert "start every process with the same flags" in lines[0]
