@@ -237,16 +237,24 @@ def calibrate_routes(gated: nn.Module, batches: Iterable, routes: Iterable[int] 
     inputs = list(input_batches(batches, num_batches, device))
     if not inputs:
         raise ValueError("BN recalibration got no batches")
-    source = gated.input_plan.choice
     for route in routes:
         plan = gated.route_plans[route]
         slot = plan.choice if plan.choice is not None else net.claim_custom_slot(plan)
         with collecting_bn_statistics(gated, gated.post_gate_norms(), slot):
             for x in inputs:
                 gated(x, route=route)
-        if slot != source:
-            for bn in gated.pre_gate_norms():
-                bn.running_mean[slot].copy_(bn.running_mean[source])
-                bn.running_var[slot].copy_(bn.running_var[source])
-                bn.num_batches_tracked[slot].copy_(bn.num_batches_tracked[source])
+        share_pre_gate_statistics(gated, slot)
     return len(inputs)
+
+
+@torch.no_grad()
+def share_pre_gate_statistics(gated: nn.Module, slot: int) -> None:
+    """Give slot `slot` the statistics the gated network's layers before the gate normalise with (the input plan's),
+    so that a route's plan, run alone or exported, computes what the gated network computes at that route."""
+    source = gated.input_plan.choice
+    if slot == source:
+        return
+    for bn in gated.pre_gate_norms():
+        bn.running_mean[slot].copy_(bn.running_mean[source])
+        bn.running_var[slot].copy_(bn.running_var[source])
+        bn.num_batches_tracked[slot].copy_(bn.num_batches_tracked[source])

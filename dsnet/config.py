@@ -74,6 +74,11 @@ KEYS: tuple[Key, ...] = (
         "blocks instead of MobileNetV2's 17)", POSITIVE),
     Key("dropout", 0.0, "dropout before the classifier", FRACTION),
     Key("se_ratio", 0.0, "squeeze-excitation in every block (0: none)", PROBABILITY),
+    Key("slim_from", None, "gate-aware layout (DS-Net's): the first block of a stage, e.g. blocks.3.0; the layers "
+        "before it keep trunk_width in every width choice, so the width choices are the routes of a gate there and "
+        "stage I trains them (it needs num_random_plans 0)", str),
+    Key("trunk_width", None, "gate-aware layout: the width of every layer before slim_from (default: the largest "
+        "width); a narrower trunk makes the narrowest route cheaper", POSITIVE),
     # the sandwich
     Key("num_random_widths", 1, "random widths between the largest and the smallest in every step", NON_NEGATIVE_INT),
     Key("num_random_plans", 1, "random per-stage plans (each stage at its own random width choice) in every step, "
@@ -91,14 +96,15 @@ KEYS: tuple[Key, ...] = (
         "has none)", str, ("ema", "model")),
     Key("finetune_supernet", False, "stage II: train the supernet's weights with the gate (BN statistics stay "
         "frozen); default: only the gate trains"),
-    Key("gate_block", "blocks.3.0", "stage II: the block whose hidden features the gate reads; the first block of "
-        "a stage. The layers after it run at the routed width", str),
+    Key("gate_block", None, "stage II: the block whose hidden features the gate reads; the first block of a stage. "
+        "The layers after it run at the routed width (default: a gate-aware supernet's slim_from, else blocks.3.0)",
+        str),
     Key("gate_routes", None, "stage II: the widths the gate routes to, a subset of widths (default: gate_num_routes "
         "choices spread from the smallest to the largest)", "floats"),
     Key("gate_num_routes", 4, "stage II: number of routes when gate_routes is not given", POSITIVE_INT),
     Key("gate_input_width", None, "stage II: the fixed width of every layer before the gate, a width choice "
-        "(default: the largest, which is then also the widest route's width and gives the gate the strongest "
-        "features)", float),
+        "(default: a gate-aware supernet's trunk_width, else the largest, which is then also the widest route's "
+        "width and gives the gate the strongest features)", float),
     Key("gate_se_ratio", 0.25, "stage II: the gate's squeeze width relative to its input channels (a block with "
         "squeeze-excitation keeps its own)", Number(float, 0, 1, open_low=True)),
     Key("gate_tau", 1.0, "stage II: temperature of the straight-through Gumbel-softmax routes in training", POSITIVE),
@@ -211,6 +217,14 @@ def validate(config: dict[str, Any]) -> None:
         SupernetConfig.from_dict(model_config(config, num_classes=config["num_classes"] or 1)).validate()
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if config["slim_from"] is not None:
+        firsts = [f"blocks.{i}.0" for i in range(len(MOBILENETV2_STAGES))]
+        if config["slim_from"] not in firsts:
+            raise UserError(f"--slim-from must be the first block of a stage ({', '.join(firsts)}); got "
+                            f"{config['slim_from']!r}")
+        if config["stage"] == "supernet" and config["num_random_plans"]:
+            raise UserError("a gate-aware supernet (--slim-from) trains its width choices, which are its gate's "
+                            "routes; random per-stage plans would train other networks: set --num-random-plans 0")
 
 
 # Keys added after runs were recorded without them, each with the value those runs had (not today's default).
@@ -227,7 +241,8 @@ def model_config(config: dict[str, Any], num_classes: int) -> dict[str, Any]:
     """The supernet's part of a run config."""
     return {"widths": config["widths"], "num_classes": num_classes, "img_size": config["img_size"],
             "small_input": config["small_input"], "dropout": config["dropout"], "se_ratio": config["se_ratio"],
-            "stages": scale_depth(MOBILENETV2_STAGES, config["depth_multiplier"])}
+            "stages": scale_depth(MOBILENETV2_STAGES, config["depth_multiplier"]),
+            "slim_from": config["slim_from"], "trunk_width": config["trunk_width"]}
 
 
 def data_options(config: dict[str, Any]) -> DataOptions:

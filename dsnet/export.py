@@ -109,6 +109,9 @@ def timm_model_name(model: DSMobileNetV2, plan: WidthPlan) -> str:
     if cfg.se_ratio:
         raise UserError("timm's MobileNetV2 has no squeeze-excitation; this supernet has se_ratio "
                         f"{cfg.se_ratio}")
+    if model.trunk_width is not None and abs(model.trunk_width - width) > 1e-6:
+        raise UserError(f"timm's MobileNetV2 has one width in every layer; width {width:g} of this gate-aware "
+                        f"supernet runs the layers before {cfg.slim_from} at {model.trunk_width:g}")
     differing = [key for key in ("stem_channels", "head_channels", "stages", "kernel_size", "bn_eps")
                  if getattr(cfg, key) != getattr(default, key)]
     if differing:

@@ -5,9 +5,10 @@ squeezed features: the *attention head* (1×1 expand → scale of the features, 
 *slimming head* (linear → one logit per route).
 
 `GatedDSNet` is a supernet with one gate in the first block of a stage. The layers before the gate run at a fixed
-width (`GateConfig.input_width`). The gate block's projection and every later layer run at the width of the route
-the gate picks. So a route is a per-stage plan: the stages before the gate at the input width, the rest at the
-route's width. Explicit arguments choose one of three forwards:
+width (`GateConfig.input_width`; in a gate-aware supernet, its trunk width, and the gate sits in its `slim_from`).
+The gate block's projection and every later layer run at the width of the route the gate picks. So a route is a
+per-stage plan: the stages before the gate at the input width, the rest at the route's width. Explicit arguments
+choose one of three forwards:
 
 - ``gated(x)``: dynamic inference. The route of each input is the argmax of its logits, with no noise. Inputs are
   grouped by route, each group runs *sliced* at its width, and the outputs come back in input order.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from timm.layers import make_divisible
 
 from .records import Record
-from .bn_slots import RoutedNorm, SlotNorm, calibrate_routes
+from .bn_slots import RoutedNorm, SlotNorm, calibrate_routes, share_pre_gate_statistics
 from .madds import layer_costs
 from .mobilenetv2 import DSMobileNetV2
 from .slim import SlimBatchNorm2d, SlimSqueezeExcite
@@ -123,9 +124,17 @@ def check_gate_config(supernet: DSMobileNetV2, config: GateConfig) -> None:
         raise ValueError(f"gate routes {bad} are not width choices of the supernet ({choices})")
     if list(config.routes) != sorted(set(config.routes)):
         raise ValueError(f"gate routes must be strictly increasing, got {list(config.routes)}")
-    if not_choices([config.input_width]):
-        raise ValueError(f"gate input width {config.input_width} is not a width choice of the supernet ({choices})")
     firsts = [spec.name for spec in supernet.block_specs if spec.name.endswith(".0")]
+    slim_from = supernet.config.slim_from
+    if slim_from is not None:  # gate-aware: the routes are the width choices, which stage I trained
+        if config.block != slim_from:
+            raise ValueError(f"this supernet is gate-aware from block {slim_from}: the gate sits there, not in "
+                             f"{config.block}")
+        if abs(config.input_width - supernet.trunk_width) > 1e-6:
+            raise ValueError(f"this supernet's layers before {slim_from} have width {supernet.trunk_width:g}: the "
+                             f"gate's input width is that, not {config.input_width:g}")
+    elif not_choices([config.input_width]):
+        raise ValueError(f"gate input width {config.input_width} is not a width choice of the supernet ({choices})")
     if config.block not in firsts:
         raise ValueError(f"the gate must sit in the first block of a stage ({', '.join(firsts)}); got "
                          f"{config.block!r}")
@@ -151,8 +160,10 @@ class GatedDSNet(nn.Module):
         self.config = config
         self.gate_index = [spec.name for spec in supernet.block_specs].index(config.block)
         self.gate_spec = supernet.block_specs[self.gate_index]
-        self.input_plan = supernet.resolve_width(config.input_width)
         self.route_plans = route_plans(supernet, config)
+        # The plan the layers before the gate run at. Gate-aware, every route shares them (its trunk) already.
+        self.input_plan = (self.route_plans[-1] if supernet.config.slim_from is not None
+                           else supernet.resolve_width(config.input_width))
         self.route_widths = tuple(float(w) for w in config.routes)
         block = supernet.block(self.gate_index)
         # The gate block's widths before the gate (input width) and after it (each route's projection width).
@@ -324,6 +335,11 @@ def insert_gate(supernet: DSMobileNetV2, config: GateConfig, batches: Iterable |
     if block.se is not None:
         gated.gate.copy_attention_from(block.se)
     gated.to(next(supernet.parameters()).device)
+    if supernet.config.slim_from is not None:
+        # Gate-aware: every route is a width choice with statistics of its own, and every choice runs the same trunk;
+        # the routes take the trunk statistics the gated network uses, so each computes what its width choice does.
+        for plan in gated.route_plans:
+            share_pre_gate_statistics(gated, plan.choice)
     if batches is not None:
         calibrate_routes(gated, batches, num_batches=num_batches)
     return gated

@@ -7,6 +7,11 @@ names are timm's too, so a dense subnet's state dict loads into timm's model as 
 Channels are described by *channel groups* — layers that must share a width: the stem, the residual stream of each
 stage (every block output of the stage), the hidden width of each expanding block, and the head. A plan gives one
 channel count per group.
+
+The *gate-aware* layout (``slim_from``) is DS-Net's own: the stem and the stages before block ``slim_from`` (the first
+block of a stage) keep one width, ``trunk_width``, in every width choice; only the layers from that block's
+projection on slim. Its width choices are then exactly the routes of a gate in that block, and stage I trains every
+route.
 """
 from __future__ import annotations
 
@@ -54,7 +59,8 @@ class SupernetConfig(Record):
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5
     custom_bn_slots: int = 1  # BN statistics slots for plans that are not width choices (e.g. a gate's routes)
-
+    slim_from: str | None = None  # gate-aware layout: the first block of a stage; every layer before it keeps one width
+    trunk_width: float | None = None  # gate-aware layout: that one width (default: the largest width)
 
     def validate(self) -> None:
         widths = [float(w) for w in self.widths]
@@ -73,6 +79,13 @@ class SupernetConfig(Record):
         if isinstance(self.custom_bn_slots, bool) or not isinstance(self.custom_bn_slots, int) \
                 or self.custom_bn_slots < 1:
             raise ValueError(f"custom_bn_slots must be a positive integer, got {self.custom_bn_slots}")
+        if self.trunk_width is not None:
+            if self.slim_from is None:
+                raise ValueError("trunk_width is the width before slim_from: it needs slim_from (the gate-aware "
+                                 "layout)")
+            if not 0 < self.trunk_width <= widths[-1] + 1e-9:
+                raise ValueError(f"trunk_width must be in (0, {widths[-1]}], the largest width; got {self.trunk_width}")
+            self.trunk_width = float(self.trunk_width)
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,21 @@ class DSMobileNetV2(ResolvesWidths, BNSlots, nn.Module):
         self.block_specs = tuple(specs)
         self.stage_names = ("stem",) + tuple(f"blocks.{i}" for i in range(len(cfg.stages))) + ("head",)
         self.stem_stride = 1 if cfg.small_input else 2
+        # Stages (entries of stage_names) that keep the trunk width in every width choice: none unless gate-aware.
+        self.trunk_stages = 0
+        if cfg.slim_from is not None:
+            firsts = [spec.name for spec in specs if spec.name.endswith(".0")]
+            if cfg.slim_from not in firsts:
+                raise ValueError(f"slim_from must be the first block of a stage ({', '.join(firsts)}); got "
+                                 f"{cfg.slim_from!r}")
+            self.trunk_stages = self.stage_names.index(cfg.slim_from.rsplit(".", 1)[0])
+
+    @property
+    def trunk_width(self) -> float | None:
+        """The one width of every layer before `slim_from` in a gate-aware supernet; None in the ordinary layout."""
+        if self.config.slim_from is None:
+            return None
+        return self.config.trunk_width if self.config.trunk_width is not None else self.widths[-1]
 
     def _stage_stride(self, stage: int, stride: int) -> int:
         # The small-input stem keeps full resolution through the stem and the first stride-2 stage.
@@ -159,7 +187,9 @@ class DSMobileNetV2(ResolvesWidths, BNSlots, nn.Module):
         return tuple(channels)
 
     def _uniform_channels(self, width: float) -> tuple[int, ...]:
-        return self._channels_for_stage_widths([width] * len(self.stage_names))
+        """Channel counts of multiplier `width`: every layer at it, or, gate-aware, the trunk at the trunk width."""
+        trunk = [self.trunk_width] * self.trunk_stages
+        return self._channels_for_stage_widths(trunk + [width] * (len(self.stage_names) - self.trunk_stages))
 
     def _build_layers(self) -> None:
         cfg = self.config

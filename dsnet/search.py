@@ -216,6 +216,10 @@ def search_plan(model: DSMobileNetV2, target_madds: int, calibration_batches: Se
     """
     if granularity not in ("channels", "stage"):
         raise ValueError(f"granularity must be 'channels' or 'stage', got {granularity!r}")
+    if granularity == "stage" and model.config.slim_from is not None:
+        raise ValueError(f"stage granularity moves every stage across the width choices, but this gate-aware "
+                         f"supernet trained its layers before {model.config.slim_from} at one width only: use "
+                         "granularity channels")
     if step < 1 or min_channels < 1 or steps < 1:
         raise ValueError(f"step, min_channels and steps must be at least 1, got {step}, {min_channels} and {steps}")
     measure = cost or madds_cost(model, img_size)

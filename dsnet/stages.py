@@ -21,7 +21,7 @@ from .errors import UserError
 from .config import data_options, model_config, recorded_config
 from .data import DataOptions, calibration_batches
 from .distributed import GradSync, always_sync
-from .gate import GatedDSNet, GateConfig, check_gate_config, default_routes, insert_gate
+from .gate import DEFAULT_GATE_BLOCK, GatedDSNet, GateConfig, check_gate_config, default_routes, insert_gate
 from .latency import format_ms, parse_latency, read_table_for
 from .gate_training import GateLosses, epoch_metrics, evaluate_gated, gate_step, set_trainable, target_madds
 from .madds import count_madds
@@ -216,9 +216,13 @@ def gate_config_from_run(config: dict[str, Any], supernet: DSMobileNetV2) -> Gat
         return widths[index] if index is not None else float(w)
 
     routes = config["gate_routes"] or default_routes(widths, config["gate_num_routes"])
-    input_width = config["gate_input_width"] if config["gate_input_width"] is not None else widths[-1]
+    gate_aware = supernet.config.slim_from is not None  # the gate sits where the supernet starts to slim
+    input_width = config["gate_input_width"]
+    if input_width is None:
+        input_width = supernet.trunk_width if gate_aware else widths[-1]
+    block = config["gate_block"] or (supernet.config.slim_from if gate_aware else DEFAULT_GATE_BLOCK)
     gate = GateConfig(routes=sorted({as_choice(w) for w in routes}), input_width=as_choice(input_width),
-                      block=config["gate_block"], se_ratio=config["gate_se_ratio"])
+                      block=block, se_ratio=config["gate_se_ratio"])
     try:
         check_gate_config(supernet, gate)
     except ValueError as exc:

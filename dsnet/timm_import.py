@@ -50,6 +50,10 @@ def from_timm(source: nn.Module | Mapping[str, torch.Tensor], widths: list[float
     if layout:
         raise UserError(f"timm's MobileNetV2 has no {', '.join(layout)}; a supernet built with "
                         f"{', '.join(f'{k}={v}' for k, v in layout.items())} cannot hold its weights")
+    trunk = config.get("trunk_width")
+    if config.get("slim_from") is not None and trunk is not None and abs(trunk - width) > 1e-6:
+        raise UserError(f"the timm weights are {TIMM_MODELS[width]}, of width {width} in every layer; a gate-aware "
+                        f"supernet with trunk_width {trunk} cannot hold them (leave trunk_width at the largest width)")
     widths = list(widths) if widths is not None else [w for w in DEFAULT_WIDTHS if w < width - 1e-9] + [width]
     if abs(widths[-1] - width) > 1e-6:
         raise UserError(f"the timm weights are {TIMM_MODELS[width]} (width {width}); the supernet's widths must "
