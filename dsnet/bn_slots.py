@@ -198,6 +198,11 @@ def input_batches(batches: Iterable, num_batches: int | None, device: torch.devi
         yield x.to(device)
 
 
+def supernet_norms(model: nn.Module) -> list[SlimBatchNorm2d]:
+    """Every slice-able BN of `model`."""
+    return [m for m in model.modules() if isinstance(m, SlimBatchNorm2d)]
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, width: Any, batches: Iterable, num_batches: int | None = None) -> int:
     """Reset the BN statistics of `width` and re-estimate them as the exact average over the batches given.
@@ -208,7 +213,7 @@ def recalibrate_bn(model: nn.Module, width: Any, batches: Iterable, num_batches:
     """
     plan = model.resolve_width(width)
     slot = plan.choice if plan.choice is not None else model.claim_custom_slot(plan)
-    bns = [m for m in model.modules() if isinstance(m, SlimBatchNorm2d)]
+    bns = supernet_norms(model)
     device = next(model.parameters()).device
     used = 0
     with collecting_bn_statistics(model, bns, slot):
@@ -223,12 +228,13 @@ def recalibrate_bn(model: nn.Module, width: Any, batches: Iterable, num_batches:
 @torch.no_grad()
 def calibrate_routes(gated: nn.Module, batches: Iterable, routes: Iterable[int] | None = None,
                      num_batches: int | None = None) -> int:
-    """Collect the BN statistics of a gated network's routes, by default of every route that is not a width choice.
+    """Collect the BN statistics of a gated network's routes, each in its own custom slot (`GatedDSNet.route_slot`),
+    by default of every route that is not a width choice (those start from their choice's: `gate.insert_gate`).
 
-    The layers after the gate are re-estimated through the gated network's own forward. The layers before the
-    gate run at the input width for every route, so the route's slot takes the input width's statistics for them.
-    The route's plan, run by the supernet or exported as a dense subnet, then computes exactly what the gated
-    network computes at that route. Returns the number of batches used.
+    The layers after the gate are re-estimated through the gated network's own forward, attention head included.
+    The layers before the gate run at the input width for every route, so the route's slot takes the input width's
+    statistics for them. The dense export of the gated network then computes exactly what it computes. The
+    supernet's width choices keep their own statistics. Returns the number of batches used.
     """
     net = gated.supernet
     if routes is None:
@@ -238,8 +244,7 @@ def calibrate_routes(gated: nn.Module, batches: Iterable, routes: Iterable[int] 
     if not inputs:
         raise ValueError("BN recalibration got no batches")
     for route in routes:
-        plan = gated.route_plans[route]
-        slot = plan.choice if plan.choice is not None else net.claim_custom_slot(plan)
+        slot = net.claim_custom_slot(gated.route_plans[route])
         with collecting_bn_statistics(gated, gated.post_gate_norms(), slot):
             for x in inputs:
                 gated(x, route=route)
@@ -247,14 +252,18 @@ def calibrate_routes(gated: nn.Module, batches: Iterable, routes: Iterable[int] 
     return len(inputs)
 
 
-@torch.no_grad()
 def share_pre_gate_statistics(gated: nn.Module, slot: int) -> None:
     """Give slot `slot` the statistics the gated network's layers before the gate normalise with (the input plan's),
     so that a route's plan, run alone or exported, computes what the gated network computes at that route."""
-    source = gated.input_plan.choice
-    if slot == source:
+    copy_statistics(gated.pre_gate_norms(), gated.input_plan.choice, slot)
+
+
+@torch.no_grad()
+def copy_statistics(bns: Iterable[SlimBatchNorm2d], source: int, target: int) -> None:
+    """Slot `target` of each of `bns` takes slot `source`'s running statistics."""
+    if source == target:
         return
-    for bn in gated.pre_gate_norms():
-        bn.running_mean[slot].copy_(bn.running_mean[source])
-        bn.running_var[slot].copy_(bn.running_var[source])
-        bn.num_batches_tracked[slot].copy_(bn.num_batches_tracked[source])
+    for bn in bns:
+        bn.running_mean[target].copy_(bn.running_mean[source])
+        bn.running_var[target].copy_(bn.running_var[source])
+        bn.num_batches_tracked[target].copy_(bn.num_batches_tracked[source])

@@ -18,6 +18,7 @@ from .cli import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_I
                   config_file_values, parse_args_with_config)
 from .errors import UserError
 from .data import DATASETS, DataOptions
+from .gate_training import MADDS_LOSSES
 from .mobilenetv2 import MOBILENETV2_STAGES, SupernetConfig, scale_depth
 
 
@@ -109,15 +110,16 @@ KEYS: tuple[Key, ...] = (
         "squeeze-excitation keeps its own)", Number(float, 0, 1, open_low=True)),
     Key("gate_tau", 1.0, "stage II: temperature of the straight-through Gumbel-softmax routes in training", POSITIVE),
     Key("gate_calibration_batches", 8, "stage II: training batches on which each new route's BN statistics are "
-        "collected when the gate is inserted", POSITIVE_INT),
+        "collected when the gate is inserted, and every route's again before each validation", POSITIVE_INT),
     Key("sgs", "sandwich", "stage II: gate labels (SGS). sandwich: the smallest route if it classifies the image "
         "correctly, else the largest; graded: the narrowest route that classifies it correctly, else the largest",
         str, ("sandwich", "graded")),
     Key("task_loss_weight", 1.0, "stage II: weight of the dynamic network's cross-entropy", NON_NEGATIVE),
     Key("gate_loss_weight", 1.0, "stage II: weight of the gate's cross-entropy against the SGS labels", NON_NEGATIVE),
-    Key("madds_loss", "square", "stage II: square: weight · (E[MAdds] / target)²; excess: weight · "
-        "max(0, E[MAdds] / target − 1)², with E[MAdds] the batch mean of the expected MAdds per image", str,
-        ("square", "excess")),
+    Key("madds_loss", "square", "stage II: the cost penalty on E[MAdds], the batch mean of the expected MAdds per "
+        "image. square: weight · (E / target)², DS-Net's, which only pushes down; excess: weight · max(0, E / target "
+        "− 1)², zero up to the target; target: weight · (E / target − 1)², zero at the target, growing on both sides",
+        str, MADDS_LOSSES),
     Key("madds_loss_weight", 0.1, "stage II: weight of the MAdds loss (0: none)", NON_NEGATIVE),
     Key("target_madds", 1.0, "stage II: MAdds target per image: a count (e.g. 3e8), or a fraction (≤ 1) of the "
         "widest route's MAdds", POSITIVE),

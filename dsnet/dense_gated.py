@@ -63,7 +63,7 @@ def export_gated(gated: GatedDSNet) -> DenseGatedNetwork:
         if not net.has_bn_statistics(plan):
             raise ValueError(f"the BN statistics of route {width:g} were never collected (dsnet.bn_slots."
                              "calibrate_routes collects them); nothing to export")
-    slots = [net.stats_slot(plan) for plan in gated.route_plans]  # all collected: none is claimed
+    slots = [gated.route_slot(r) for r in range(len(gated.route_plans))]  # all collected: none is claimed
     plan, slot, start = gated.input_plan, net.stats_slot(gated.input_plan), gated.gate_index
     block = net.block(start)
     trunk = nn.Sequential(net.export_stem(plan, slot))

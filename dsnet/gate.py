@@ -18,8 +18,9 @@ choose one of three forwards:
   input's channels are *masked* to its route's width and normalised with its route's BN statistics, which keeps
   the choice of route differentiable. Masking saves nothing, so only training uses it.
 
-BN statistics: every route has its own. Routes that are width choices use the choice's statistics. The others get
-custom slots of the supernet (`bn_slots.calibrate_routes`). The supernet stays in eval mode inside the gated network, so
+BN statistics: every route has its own, in a custom slot of the supernet. A route that is a width choice starts
+from the choice's statistics; the others are collected at insertion (`bn_slots.calibrate_routes`). Stage II
+collects every route's again before it validates, through the network as the gate has changed it. The supernet stays in eval mode inside the gated network, so
 statistics never change while the gate trains.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 from timm.layers import make_divisible
 
 from .records import Record
-from .bn_slots import RoutedNorm, SlotNorm, calibrate_routes, share_pre_gate_statistics
+from .bn_slots import (RoutedNorm, SlotNorm, calibrate_routes, copy_statistics, share_pre_gate_statistics,
+                       supernet_norms)
 from .madds import layer_costs
 from .mobilenetv2 import DSMobileNetV2
 from .slim import SlimBatchNorm2d, SlimSqueezeExcite
@@ -208,11 +210,17 @@ class GatedDSNet(nn.Module):
         """Everything before the gate, at the input width; returns the attended features and the route logits."""
         return self.gate(self.gate_features(x))
 
+    def route_slot(self, route: int) -> int:
+        """The BN statistics slot of route `route`: the custom slot that holds its plan, which `insert_gate` gives
+        every route and `bn_slots.calibrate_routes` collects through this network; else its width choice's."""
+        plan = self.route_plans[route]
+        slot = self.supernet.custom_slot_of(plan)
+        return slot if slot is not None else self.supernet.stats_slot(plan)
+
     def _post_gate(self, h: torch.Tensor, route: int) -> torch.Tensor:
         """Everything after the gate, sliced at one route's width; returns logits."""
-        net, plan = self.supernet, self.route_plans[route]
-        norm = SlotNorm(net.stats_slot(plan))
-        return self._after_gate(h, plan, self._route_widths[route], norm)
+        norm = SlotNorm(self.route_slot(route))
+        return self._after_gate(h, self.route_plans[route], self._route_widths[route], norm)
 
     def _after_gate(self, h: torch.Tensor, plan: WidthPlan, gate_block_widths: tuple[int, ...], norm) -> torch.Tensor:
         net = self.supernet
@@ -240,8 +248,8 @@ class GatedDSNet(nn.Module):
         """Everything after the gate at the widest route's width. Each input's channels are masked to its route's
         width and normalised with its route's statistics (`bn_slots.RoutedNorm`). `weights` (batch, routes) are
         one-hot in value and carry the gradient to the route choice."""
-        net, widest = self.supernet, self.route_plans[-1]
-        slots = [net.stats_slot(plan) for plan in self.route_plans]
+        widest = self.route_plans[-1]
+        slots = [self.route_slot(r) for r in range(len(self.route_plans))]
         channels, reduced = (torch.tensor(t, device=h.device) for t in self._masking)
         norm = RoutedNorm(slots, weights, channels, reduced)
         return self._after_gate(h, widest, self._route_widths[-1], norm)
@@ -326,7 +334,7 @@ def insert_gate(supernet: DSMobileNetV2, config: GateConfig, batches: Iterable |
     check_gate_config(supernet, config)
     plans = route_plans(supernet, config)
     held = [row for row in supernet.calibrated_plans.tolist() if any(row)]
-    new = {plan.channels for plan in plans if plan.choice is None and list(plan.channels) not in held}
+    new = {plan.channels for plan in plans if list(plan.channels) not in held}
     needed = len(held) + len(new) + 1
     if supernet.num_custom_slots < needed:
         supernet.add_custom_slots(needed - supernet.num_custom_slots)
@@ -335,11 +343,13 @@ def insert_gate(supernet: DSMobileNetV2, config: GateConfig, batches: Iterable |
     if block.se is not None:
         gated.gate.copy_attention_from(block.se)
     gated.to(next(supernet.parameters()).device)
-    if supernet.config.slim_from is not None:
-        # Gate-aware: every route is a width choice with statistics of its own, and every choice runs the same trunk;
-        # the routes take the trunk statistics the gated network uses, so each computes what its width choice does.
-        for plan in gated.route_plans:
-            share_pre_gate_statistics(gated, plan.choice)
+    # A route that is a width choice starts from the choice's statistics, in a slot of its own: collecting them
+    # again after the gate trained (its attention head changes the features) leaves the supernet's widths alone.
+    for plan in gated.route_plans:
+        if plan.choice is not None:
+            slot = supernet.claim_custom_slot(plan)
+            copy_statistics(supernet_norms(supernet), plan.choice, slot)
+            share_pre_gate_statistics(gated, slot)
     if batches is not None:
         calibrate_routes(gated, batches, num_batches=num_batches)
     return gated

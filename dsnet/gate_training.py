@@ -12,7 +12,7 @@ trained with `finetune_supernet`, while its BN statistics stay frozen either way
 3. **The loss** is `task_loss_weight · CE(logits, targets) + gate_loss_weight · CE(route logits, SGS labels) +
    madds_loss_weight · penalty(E[MAdds] / target)`. E[MAdds] is the batch mean of each image's expected MAdds:
    the route probabilities times the routes' MAdds (`count_madds` of each route's plan, plus the gate). The
-   penalty is `r²` (`madds_loss: square`) or `max(0, r − 1)²` (`excess`).
+   penalty is `r²` (`madds_loss: square`), `max(0, r − 1)²` (`excess`) or `(r − 1)²` (`target`).
 
 `dsnet.stages.GateStage` sets the gated network up and runs `gate_step` in the trainer's loop (`dsnet/trainer.py`).
 """
@@ -62,14 +62,21 @@ def sgs_labels(route_logits: Sequence[torch.Tensor], targets: torch.Tensor, rout
     return labels
 
 
+MADDS_LOSSES = ("square", "excess", "target")
+
+
 def madds_penalty(expected_madds: torch.Tensor, kind: str, target: float) -> torch.Tensor:
-    """`(m / target)²` (square) or `max(0, m / target − 1)²` (excess) of the mean expected MAdds `m`."""
+    """The cost penalty of the mean expected MAdds `m`: `(m / target)²` (square, DS-Net's: it only pushes down),
+    `max(0, m / target − 1)²` (excess: zero up to the target) or `(m / target − 1)²` (target: zero at it, growing on
+    both sides)."""
     ratio = expected_madds / target
     if kind == "square":
         return ratio ** 2
     if kind == "excess":
         return F.relu(ratio - 1) ** 2
-    raise ValueError(f"madds_loss must be 'square' or 'excess', got {kind!r}")
+    if kind == "target":
+        return (ratio - 1) ** 2
+    raise ValueError(f"madds_loss must be one of {', '.join(MADDS_LOSSES)}, got {kind!r}")
 
 
 def target_madds(value: float, route_madds: torch.Tensor) -> float:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-from .bn_slots import recalibrate_bn
+from .bn_slots import calibrate_routes, recalibrate_bn
 from .checkpoint import gated_network_from_checkpoint, load_checkpoint, supernet_from_checkpoint
 from .errors import UserError
 from .config import data_options, model_config, recorded_config
@@ -238,9 +238,13 @@ def build_gated_network(config: dict[str, Any], init_state: dict[str, Any], num_
         raise UserError(f"--init {config['init']!r} has {supernet.config.num_classes} classes but dataset "
                         f"{config['data']!r} has {num_classes}")
     gate = gate_config_from_run(config, supernet)
-    batches = calibration_batches(data_options(config), config["gate_calibration_batches"],
-                                  batch_size=config["batch_size"], seed=config["seed"])
-    return insert_gate(supernet.to(device), gate, batches)
+    return insert_gate(supernet.to(device), gate, gate_calibration_batches(config))
+
+
+def gate_calibration_batches(config: dict[str, Any]) -> list:
+    """The training batches on which the gate's routes have their BN statistics collected."""
+    return calibration_batches(data_options(config), config["gate_calibration_batches"],
+                               batch_size=config["batch_size"], seed=config["seed"])
 
 
 def check_target_in_route_range(value: float, route_madds: torch.Tensor) -> None:
@@ -279,6 +283,7 @@ class GateStage:
             config = complete_config(config, explicit, self.init_state)
         self.config = config
         self.losses = GateLosses.from_config(config)
+        self.calibration = None  # the batches every route's BN statistics are collected on, loaded on first use
 
     def build_model(self, num_classes: int, device: torch.device, resume_state: dict | None) -> GatedDSNet:
         if resume_state is not None:
@@ -307,13 +312,23 @@ class GateStage:
 
     def validate(self, models: Models, loader: Iterable, device: torch.device, autocast: Autocast, reduce: Reduce,
                  last_epoch: bool) -> dict[str, float]:
+        self.collect_route_statistics(models)
         metrics = {}
         for model, prefix in models:
             metrics.update(evaluate_gated(model, loader, device, self.config["sgs"], autocast, reduce, prefix))
         return metrics
 
+    def collect_route_statistics(self, models: Models) -> None:
+        """Collect every route's BN statistics again (live and EMA network), through the network as the gate has
+        changed it, on the fixed training batches of the gate's insertion. Validation measures, and the checkpoints
+        written after it hold, the network that was trained."""
+        if self.calibration is None:
+            self.calibration = gate_calibration_batches(self.config)
+        for model, _ in models:
+            calibrate_routes(model, self.calibration, routes=range(len(model.route_plans)))
+
     def before_checkpoint(self, models: Models, improved: bool, last_epoch: bool) -> None:
-        pass  # the supernet's BN statistics stay frozen in stage II
+        pass  # validation has just collected the routes' BN statistics
 
     def checkpoint_extras(self) -> dict[str, Any]:
         return {"model_config": self.model.supernet.config.to_dict(), "gate": self.model.config.to_dict()}

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 
 import dsnet
 from dsnet import evaluate, train
+from dsnet.bn_slots import calibrate_routes, supernet_norms
 from dsnet.checkpoint import load_checkpoint, load_network, supernet_from_checkpoint
 from dsnet.cli import run_main
 from dsnet.config import parse_config
 from dsnet.data import DataOptions, build_dataset, build_loader, calibration_batches
+from dsnet.stages import gate_calibration_batches
 from dsnet.trainer import Trainer
 from dsnet.gate import GateConfig, GatedDSNet, insert_gate
 from dsnet.gate_training import GateLosses, gate_step, madds_penalty, set_trainable, sgs_labels, sgs_routes
@@ -84,7 +86,7 @@ def test_gate_insertion_leaves_the_supernet_outputs_unchanged(state, data):
     with pytest.raises(ValueError, match="never collected"):  # a route whose statistics were not collected
         insert_gate(copy.deepcopy(original), config).eval()(x, route=0)
     gated = insert_gate(copy.deepcopy(original), config, data[0]).eval()
-    assert gated.supernet.num_custom_slots == 3  # two routes that are not width choices, one slot spare
+    assert gated.supernet.num_custom_slots == 4  # a slot of its own for each route, one spare
     with torch.no_grad():
         for choice in range(len(original.widths)):
             assert torch.equal(gated.supernet(x, choice), original(x, choice))
@@ -164,6 +166,23 @@ def test_the_madds_loss_gradient_lowers_the_probability_of_wider_routes(mixed, d
     assert after @ route_madds.float() < before @ route_madds.float()
 
 
+@pytest.mark.parametrize("kind,below,above", [("target", -1, 1), ("excess", 0, 1), ("square", 1, 1)])
+def test_the_madds_penalty_is_zero_at_the_target_and_grows_on_the_sides_its_mode_penalises(kind, below, above):
+    """`below`/`above`: the sign of the penalty's slope under and over the target (0: flat and zero there). Only
+    DS-Net's square penalty is not zero at the target: it pushes every cost down."""
+    target = 4e6
+    for madds, slope in ((0.5 * target, below), (1.5 * target, above)):
+        m = torch.tensor(madds, dtype=torch.float64, requires_grad=True)
+        penalty = madds_penalty(m, kind, target)
+        penalty.backward()
+        assert torch.sign(m.grad).item() == slope, (kind, madds)
+        assert (penalty.item() > 0) == (slope != 0 or kind == "square")
+    at = madds_penalty(torch.tensor(target, dtype=torch.float64), kind, target).item()
+    assert at == (1.0 if kind == "square" else 0.0)
+    assert madds_penalty(torch.tensor(1.5 * target), kind, target) > madds_penalty(torch.tensor(1.2 * target), kind,
+                                                                                 target)
+
+
 def test_gate_training_on_all_largest_labels_routes_everything_to_the_largest(mixed, data):
     gate = copy.deepcopy(mixed).train()
     set_trainable(gate, finetune_supernet=False)
@@ -228,6 +247,22 @@ def test_gate_stage_trains_resumes_and_evaluates_dynamically(digits_checkpoint, 
     supernet = supernet_from_checkpoint(checkpoint)  # sweep, static and export read the supernet part
     assert torch.equal(supernet.conv_stem.weight, network.supernet.conv_stem.weight)
 
+    # The routes' BN statistics were collected again after training, through the trained gate, into slots of their
+    # own: collecting them once more on the same batches changes nothing, and the supernet's widths keep stage I's.
+    again = copy.deepcopy(network)
+    calibrate_routes(again, gate_calibration_batches(checkpoint["config"]), routes=range(3))
+    stage_one = supernet_from_checkpoint(load_checkpoint(digits_checkpoint), "model")
+    choices = len(stage_one.widths)
+    for bn, recollected, initial in zip(supernet_norms(network.supernet), supernet_norms(again.supernet),
+                                        supernet_norms(stage_one)):
+        torch.testing.assert_close(bn.running_var, recollected.running_var, rtol=0, atol=1e-5)
+        torch.testing.assert_close(bn.running_mean, recollected.running_mean, rtol=0, atol=1e-5)
+        torch.testing.assert_close(bn.running_mean[:choices], initial.running_mean[:choices], rtol=0, atol=1e-6)
+    projection = network.supernet.block(network.gate_index).projection_norm()
+    widest = network.route_slot(2)
+    assert widest >= choices  # its own slot, not width 1.0's
+    assert (projection.running_mean[widest] - projection.running_mean[choices - 1]).abs().max() > 1e-4
+
     code, _, err = run(evaluate.main, ["--mode", "dynamic", "--checkpoint", out / "last.pth", "--latency-repeats",
                                        "2", "--latency-warmup", "1", "--latency-batch-size", "4", "--json",
                                        tmp_path / "dynamic.json", *QUIET], capsys)
@@ -264,6 +299,29 @@ def test_gate_stage_trains_resumes_and_evaluates_dynamically(digits_checkpoint, 
     assert "static_curve" not in again
     assert (again["top1"], again["top5"], again["loss"], again["madds"], again["routes"]) == \
         (row["top1"], row["top5"], row["loss"], row["madds"], routes)  # the same checkpoint evaluates the same
+
+
+def test_collecting_the_routes_again_follows_the_gate_and_leaves_the_widths_alone(gated, data):
+    """Once the attention head has changed the features, every route's statistics are collected again, each into
+    its own slot: the dense export computes the gated network, and every width of the supernet computes what it did."""
+    from dsnet.dense_gated import export_gated
+
+    net = copy.deepcopy(gated)
+    images = data[1][0]
+    routes = range(len(net.route_plans))
+    with torch.no_grad():
+        before = [net.supernet(images, w) for w in net.supernet.widths]
+        net.gate.conv_expand.weight.normal_(0, 0.5)
+        calibrate_routes(net, data[0], routes=routes)
+        for w, logits in zip(net.supernet.widths, before):
+            assert torch.equal(net.supernet(images, w), logits), f"width {w}"
+        slots = [net.route_slot(r) for r in routes]
+        assert len(set(slots)) == len(slots) and min(slots) >= len(net.supernet.widths)
+        projection = net.supernet.block(net.gate_index).projection_norm()
+        widest = net.route_plans[-1].choice
+        assert (projection.running_mean[slots[-1]] - projection.running_mean[widest]).abs().max() > 1e-3
+        logits, _ = export_gated(net)(images)
+        torch.testing.assert_close(logits, net(images), rtol=0, atol=1e-5)
 
 
 def test_the_task_loss_reaches_the_slimming_head_through_the_straight_through_route(mixed, data):

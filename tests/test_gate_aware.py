@@ -1,5 +1,6 @@
 """The gate-aware layout: a trunk of one width before `slim_from`, so that the width choices are the gate's routes."""
 import contextlib
+import copy
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,14 @@ def test_every_route_equals_its_dense_export_and_fvcore_counts_its_madds(superne
 
 
 def test_a_gate_in_slim_from_routes_to_the_width_choices_exactly(supernet):
+    """Each route is the width choice stage I trained, statistics included: with every width's statistics collected
+    on the same batches, as stage I's last epoch does, the trunk's are the same in each."""
+    supernet = copy.deepcopy(supernet)
+    batches = [torch.randn(8, 3, SIZE, SIZE) for _ in range(2)]
+    for w in WIDTHS:
+        dsnet.recalibrate_bn(supernet, w, batches)
     gated = insert_gate(supernet, GateConfig(routes=WIDTHS, input_width=0.5, block="blocks.3.0")).eval()
-    assert [plan.choice for plan in gated.route_plans] == [0, 1, 2, 3]  # no custom BN slot: stage I trained each
+    assert [plan.choice for plan in gated.route_plans] == [0, 1, 2, 3]
     x = torch.randn(4, 3, SIZE, SIZE)
     with torch.no_grad():
         for r, w in enumerate(WIDTHS):
