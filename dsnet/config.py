@@ -18,7 +18,7 @@ from .cli import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_I
                   config_file_values, parse_args_with_config)
 from .errors import UserError
 from .data import DATASETS, DataOptions
-from .gate_training import MADDS_LOSSES
+from .gate_training import MADDS_LOSSES, SGS_MODES
 from .mobilenetv2 import MOBILENETV2_STAGES, SupernetConfig, scale_depth
 
 
@@ -111,18 +111,24 @@ KEYS: tuple[Key, ...] = (
     Key("gate_tau", 1.0, "stage II: temperature of the straight-through Gumbel-softmax routes in training", POSITIVE),
     Key("gate_calibration_batches", 8, "stage II: training batches on which each new route's BN statistics are "
         "collected when the gate is inserted, and every route's again before each validation", POSITIVE_INT),
-    Key("sgs", "sandwich", "stage II: gate labels (SGS). sandwich: the smallest route if it classifies the image "
-        "correctly, else the largest; graded: the narrowest route that classifies it correctly, else the largest",
-        str, ("sandwich", "graded")),
+    Key("sgs", "budget", "stage II: gate labels (SGS). budget: the route with the least cross-entropy plus a price "
+        "times its cost, the price chosen on each batch so that the labels meet the target; sandwich (DS-Net's): the "
+        "smallest route if it classifies the image correctly, else the largest; graded: the narrowest route that "
+        "classifies it correctly, else the largest", str, SGS_MODES),
+    Key("calibrate_target", True, "stage II: before each validation, bias the route logits by a price times each "
+        "route's cost, the price chosen on the calibration images so that the routes' mean cost is the target; the "
+        "bias is part of the gate and of its exports"),
+    Key("gate_min_route_share", 0.06, "stage II, with calibrate_target: the least share of the calibration images "
+        "each route gets; a route below it is lifted by a bias of its own (0: none)", FRACTION),
     Key("task_loss_weight", 1.0, "stage II: weight of the dynamic network's cross-entropy", NON_NEGATIVE),
     Key("gate_loss_weight", 1.0, "stage II: weight of the gate's cross-entropy against the SGS labels", NON_NEGATIVE),
-    Key("madds_loss", "square", "stage II: the cost penalty on E[MAdds], the batch mean of the expected MAdds per "
+    Key("madds_loss", "target", "stage II: the cost penalty on E[MAdds], the batch mean of the expected MAdds per "
         "image. square: weight · (E / target)², DS-Net's, which only pushes down; excess: weight · max(0, E / target "
         "− 1)², zero up to the target; target: weight · (E / target − 1)², zero at the target, growing on both sides",
         str, MADDS_LOSSES),
     Key("madds_loss_weight", 0.1, "stage II: weight of the MAdds loss (0: none)", NON_NEGATIVE),
-    Key("target_madds", 1.0, "stage II: MAdds target per image: a count (e.g. 3e8), or a fraction (≤ 1) of the "
-        "widest route's MAdds", POSITIVE),
+    Key("target_madds", None, "stage II: MAdds target per image: a count (e.g. 3e8), or a fraction (≤ 1) of the "
+        "widest route's MAdds (default: halfway between the narrowest route's and the widest's)", POSITIVE),
     Key("target_latency", None, "stage II: a latency budget per image instead of --target-madds (4ms, 800us), as "
         "--lut predicts the routes' dense networks; the cost penalty then works on predicted latency", str),
     Key("lut", None, "stage II: the latency table (python -m dsnet.latency) that --target-latency needs", str),

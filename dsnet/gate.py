@@ -72,6 +72,9 @@ class DoubleHeadedGate(nn.Module):
         self.conv_reduce = nn.Conv2d(channels, reduced_channels, 1, bias=True)
         self.conv_expand = nn.Conv2d(reduced_channels, channels, 1, bias=True)
         self.slimming = nn.Linear(reduced_channels, num_routes)
+        # Added to the route logits: a cost bias that stage II sets so that the routes meet the cost target
+        # (`dsnet.gate_budget.calibrate_route_bias`); zero until then.
+        self.register_buffer("route_bias", torch.zeros(num_routes))
         if attention == "tanh":
             nn.init.zeros_(self.conv_expand.weight)
             nn.init.zeros_(self.conv_expand.bias)
@@ -83,7 +86,7 @@ class DoubleHeadedGate(nn.Module):
         squeezed = F.relu(self.conv_reduce(F.adaptive_avg_pool2d(x, 1)))
         s = self.conv_expand(squeezed)
         scale = 1 + torch.tanh(s) if self.attention == "tanh" else torch.sigmoid(s)
-        return x * scale, self.slimming(squeezed.flatten(1))
+        return x * scale, self.slimming(squeezed.flatten(1)) + self.route_bias
 
     @torch.no_grad()
     def copy_attention_from(self, se: SlimSqueezeExcite) -> None:
@@ -209,6 +212,10 @@ class GatedDSNet(nn.Module):
     def _pre_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything before the gate, at the input width; returns the attended features and the route logits."""
         return self.gate(self.gate_features(x))
+
+    def route_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, routes) the slimming head's logits, its cost bias included: what the routes are the argmax of."""
+        return self._pre_gate(x)[1]
 
     def route_slot(self, route: int) -> int:
         """The BN statistics slot of route `route`: the custom slot that holds its plan, which `insert_gate` gives

@@ -23,6 +23,7 @@ from .data import DataOptions, calibration_batches
 from .distributed import GradSync, always_sync
 from .gate import DEFAULT_GATE_BLOCK, GatedDSNet, GateConfig, check_gate_config, default_routes, insert_gate
 from .latency import format_ms, parse_latency, read_table_for
+from .gate_budget import calibrate_route_bias
 from .gate_training import GateLosses, epoch_metrics, evaluate_gated, gate_step, set_trainable, target_madds
 from .madds import count_madds
 from .metrics import batch_sums, metric_sums, summarize
@@ -296,6 +297,10 @@ class GateStage:
         else:
             check_target_in_route_range(self.config["target_madds"],
                                         self.model.route_madds(self.config["img_size"]))
+        share, routes = self.config["gate_min_route_share"], len(self.model.route_plans)
+        if self.config["calibrate_target"] and share * routes > 1:
+            raise UserError(f"--gate-min-route-share {share:g} is more than {routes} routes can each get "
+                            f"(at most {1 / routes:.3g})")
         set_trainable(self.model, self.config["finetune_supernet"])
         return self.model
 
@@ -313,9 +318,11 @@ class GateStage:
     def validate(self, models: Models, loader: Iterable, device: torch.device, autocast: Autocast, reduce: Reduce,
                  last_epoch: bool) -> dict[str, float]:
         self.collect_route_statistics(models)
+        if self.config["calibrate_target"]:
+            self.calibrate_routes_to_target(models)
         metrics = {}
         for model, prefix in models:
-            metrics.update(evaluate_gated(model, loader, device, self.config["sgs"], autocast, reduce, prefix))
+            metrics.update(evaluate_gated(model, loader, device, self.losses, autocast, reduce, prefix))
         return metrics
 
     def collect_route_statistics(self, models: Models) -> None:
@@ -327,8 +334,17 @@ class GateStage:
         for model, _ in models:
             calibrate_routes(model, self.calibration, routes=range(len(model.route_plans)))
 
+    def calibrate_routes_to_target(self, models: Models) -> None:
+        """Set each gate's cost bias so that its routes meet the target on the calibration images (after the BN
+        statistics, which the route logits depend on)."""
+        for model, _ in models:
+            device = next(model.parameters()).device
+            costs, target = self.losses.costs(model, self.config["img_size"])
+            calibrate_route_bias(model.route_logits, (images.to(device) for images in self.calibration),
+                                 model.gate.route_bias, costs, target, self.config["gate_min_route_share"])
+
     def before_checkpoint(self, models: Models, improved: bool, last_epoch: bool) -> None:
-        pass  # validation has just collected the routes' BN statistics
+        pass  # validation has just collected the routes' BN statistics and calibrated their cost bias
 
     def checkpoint_extras(self) -> dict[str, Any]:
         return {"model_config": self.model.supernet.config.to_dict(), "gate": self.model.config.to_dict()}

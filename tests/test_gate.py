@@ -158,7 +158,8 @@ def test_the_madds_loss_gradient_lowers_the_probability_of_wider_routes(mixed, d
     with torch.no_grad():
         before = gate(images, return_info=True)[1].route_logits.softmax(1).mean(0)
     optimizer = torch.optim.SGD([p for p in gate.parameters() if p.requires_grad], lr=1.0)
-    gate_step(gate, images, targets, GateLosses(task_loss_weight=0.0, gate_loss_weight=0.0, madds_loss_weight=1.0))
+    gate_step(gate, images, targets, GateLosses(task_loss_weight=0.0, gate_loss_weight=0.0, madds_loss="square",
+                                                madds_loss_weight=1.0))
     optimizer.step()
     with torch.no_grad():
         after = gate(images, return_info=True)[1].route_logits.softmax(1).mean(0)
@@ -196,7 +197,8 @@ def test_gate_training_on_all_largest_labels_routes_everything_to_the_largest(mi
     optimizer = torch.optim.SGD([p for p in gate.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     for _ in range(8):
         optimizer.zero_grad()
-        gate_step(gate, images, targets, GateLosses(task_loss_weight=0.0, gate_loss_weight=1.0, madds_loss_weight=0.0))
+        gate_step(gate, images, targets, GateLosses(sgs="sandwich", task_loss_weight=0.0, gate_loss_weight=1.0,
+                                                        madds_loss_weight=0.0))
         optimizer.step()
     with torch.no_grad():
         assert gate.eval()(images, return_info=True)[1].routes.tolist() == [3] * len(images)
@@ -246,6 +248,21 @@ def test_gate_stage_trains_resumes_and_evaluates_dynamically(digits_checkpoint, 
     assert isinstance(network, GatedDSNet) and network.route_widths == (0.35, 0.75, 1.0)
     supernet = supernet_from_checkpoint(checkpoint)  # sweep, static and export read the supernet part
     assert torch.equal(supernet.conv_stem.weight, network.supernet.conv_stem.weight)
+
+    # Validation set the gate's cost bias: on the calibration images its routes meet the default target, halfway
+    # between the narrowest route's MAdds and the widest's.
+    costs = network.route_madds(DIGITS_SIZE).double()
+    with torch.no_grad():
+        routes = torch.cat([network.route_logits(x).argmax(1) for x in gate_calibration_batches(checkpoint["config"])])
+    assert float(costs[routes].mean()) == pytest.approx(float(costs.min() + costs.max()) / 2, rel=0.05)
+    assert network.gate.route_bias.abs().max() > 0
+    from dsnet.dense_gated import export_gated  # the bias is part of the gate, so the export routes alike
+    images = gate_calibration_batches(checkpoint["config"])[0]
+    with torch.no_grad():
+        expected, info = network(images, return_info=True)
+        logits, exported_routes = export_gated(network)(images)
+    assert torch.equal(exported_routes, info.routes)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
     # The routes' BN statistics were collected again after training, through the trained gate, into slots of their
     # own: collecting them once more on the same batches changes nothing, and the supernet's widths keep stage I's.

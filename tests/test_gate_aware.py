@@ -124,18 +124,22 @@ def test_bad_gate_aware_flags_are_one_clear_error(argv, message):
         parse_config(argv)
 
 
-def test_the_imagenet_gate_recipe_gates_the_gate_aware_supernet_with_ds_nets_madds_loss():
+def test_the_imagenet_gate_recipe_gates_the_gate_aware_supernet_and_its_header_gives_ds_nets_madds_loss():
     """configs/gate-imagenet.yaml on a configs/imagenet-gate-aware.yaml supernet: every route a width choice, and
-    its square penalty the function DS-Net's 0.5 · (MAdds / 1e9)² is at the layout's widest route."""
+    the square penalty its header gives is the function DS-Net's 0.5 · (MAdds / 1e9)² is at the widest route."""
     from dsnet.stages import gate_config_from_run
     from dsnet.summary import model_config_from_recipe
 
+    recipe = REPO / "configs" / "gate-imagenet.yaml"
     supernet = dsnet.DSMobileNetV2(dsnet.SupernetConfig.from_dict(
         model_config_from_recipe(str(REPO / "configs" / "imagenet-gate-aware.yaml"))))
-    config, _ = parse_config(["-c", str(REPO / "configs" / "gate-imagenet.yaml"), "--init", "unused.pth"])
+    config, _ = parse_config(["-c", str(recipe), "--init", "unused.pth"])
     gated = insert_gate(supernet, gate_config_from_run(config, supernet))
     assert all(plan.choice is not None for plan in gated.route_plans)
     assert gated.config.block == "blocks.3.0" and gated.config.input_width == 0.5
+    assert config["sgs"] == "budget" and config["calibrate_target"]
+    ds_net = next(line for line in recipe.read_text().splitlines() if "--madds-loss square" in line)
+    weight = float(ds_net.split("--madds-loss-weight")[1].split()[0])
     widest = float(gated.route_madds(224)[-1])
-    assert config["madds_loss"] == "square" and config["target_madds"] == 1.0
-    assert config["madds_loss_weight"] == pytest.approx(0.5 * (widest / 1e9) ** 2, rel=0.01)
+    assert "--target-madds 1.0" in ds_net
+    assert weight == pytest.approx(0.5 * (widest / 1e9) ** 2, rel=0.01)

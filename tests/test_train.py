@@ -275,7 +275,7 @@ def test_unknown_recipe_key_lists_the_valid_ones(tmp_path):
     ("epochs: 2.5\n", "must be an integer, got 2.5"),
     ("widths: [0.5, wide]\n", "must be a list of numbers"),
     ("ema: 1\n", "must be true or false"),
-    ("opt: sgd\nsgs: best\n", "must be one of ['sandwich', 'graded']"),
+    ("opt: sgd\nsgs: best\n", "must be one of ['budget', 'sandwich', 'graded']"),
 ])
 def test_a_recipe_value_the_flag_would_refuse_is_one_line(tmp_path, text, message, capsys):
     recipe = tmp_path / "bad.yaml"
