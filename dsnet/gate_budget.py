@@ -25,8 +25,13 @@ import torch
 BISECTION_STEPS = 40
 
 
-def _assign(losses: torch.Tensor, costs: torch.Tensor, price: float) -> torch.Tensor:
-    return (losses + price * costs).argmin(1)
+def _bisect(too_high: Callable[[float], bool], low: float, high: float) -> float:
+    """The smallest value in [low, high] (to BISECTION_STEPS halvings) at which `too_high` is false, for a
+    predicate that turns false as the value rises."""
+    for _ in range(BISECTION_STEPS):
+        mid = (low + high) / 2
+        low, high = (mid, high) if too_high(mid) else (low, mid)
+    return high
 
 
 def budget_labels(losses: torch.Tensor, costs: torch.Tensor, target: float) -> torch.Tensor:
@@ -36,28 +41,18 @@ def budget_labels(losses: torch.Tensor, costs: torch.Tensor, target: float) -> t
     scale = float(costs.max())
     costs, target = costs.to(losses.dtype) / scale, target / scale
 
-    def mean_cost(price: float) -> float:
-        return float(costs[_assign(losses, costs, price)].mean())
+    def labels(price: float) -> torch.Tensor:
+        return (losses + price * costs).argmin(1)
 
-    if mean_cost(0.0) <= target:
-        return _assign(losses, costs, 0.0)
+    def over_target(price: float) -> bool:
+        return float(costs[labels(price)].mean()) > target
+
+    if len(costs) == 1 or not over_target(0.0):
+        return labels(0.0)
     # Above this price every image takes the cheapest route: no loss saving pays for a dearer one.
     gaps = costs[1:] - costs[0]
     high = float(((losses[:, :1] - losses[:, 1:]) / gaps).max().clamp(min=0)) + 1e-6
-    low = 0.0
-    for _ in range(BISECTION_STEPS):
-        mid = (low + high) / 2
-        low, high = (mid, high) if mean_cost(mid) > target else (low, mid)
-    return _assign(losses, costs, high)
-
-
-def _bisect(too_high: Callable[[float], bool], low: float, high: float) -> float:
-    """The smallest value in [low, high] (to BISECTION_STEPS halvings) at which `too_high` is false, for a
-    predicate that turns false as the value rises."""
-    for _ in range(BISECTION_STEPS):
-        mid = (low + high) / 2
-        low, high = (mid, high) if too_high(mid) else (low, mid)
-    return high
+    return labels(_bisect(over_target, 0.0, high))
 
 
 @torch.no_grad()
@@ -71,6 +66,8 @@ def calibrate_route_bias(gate_logits: Callable[[torch.Tensor], torch.Tensor], ba
     bias.zero_()
     logits = torch.cat([gate_logits(images).double() for images in batches])
     num_routes = logits.shape[1]
+    if num_routes == 1:  # one route: nothing to choose
+        return float(costs[0])
     scale = float(costs.max())
     costs = costs.to(logits.device, torch.float64) / scale
     target = target / scale
@@ -78,6 +75,9 @@ def calibrate_route_bias(gate_logits: Callable[[torch.Tensor], torch.Tensor], ba
 
     def routes(price: float) -> torch.Tensor:
         return (logits + lift - price * costs).argmax(1)
+
+    def share(route: int, price: float) -> float:
+        return float((routes(price) == route).double().mean())
 
     def mean_cost(price: float) -> float:
         return float(costs[routes(price)].mean())
@@ -96,9 +96,9 @@ def calibrate_route_bias(gate_logits: Callable[[torch.Tensor], torch.Tensor], ba
         if float(shares[short]) >= min_share:
             break
 
-        def too_few(value: float, r: int = short) -> bool:
-            lift[r] = value
-            return float((routes(price) == r).double().mean()) < min_share
+        def too_few(value: float) -> bool:
+            lift[short] = value
+            return share(short, price) < min_share
         lift[short] = _bisect(too_few, float(lift[short]), float(lift[short]) + 4 * limit)
         price = fit_price()
     bias.copy_((lift - price * costs).to(bias))

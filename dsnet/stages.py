@@ -22,8 +22,8 @@ from .config import data_options, model_config, recorded_config
 from .data import DataOptions, calibration_batches
 from .distributed import GradSync, always_sync
 from .gate import DEFAULT_GATE_BLOCK, GatedDSNet, GateConfig, check_gate_config, default_routes, insert_gate
-from .latency import format_ms, parse_latency, read_table_for
 from .gate_budget import calibrate_route_bias
+from .latency import format_ms, parse_latency, read_table_for
 from .gate_training import GateLosses, epoch_metrics, evaluate_gated, gate_step, set_trainable, target_madds
 from .madds import count_madds
 from .metrics import batch_sums, metric_sums, summarize

@@ -64,3 +64,11 @@ def test_a_least_share_lifts_the_routes_the_argmax_starves_and_keeps_the_target(
     shares = torch.bincount((logits + bias).argmax(1), minlength=4) / 2000
     assert float(shares.min()) >= 0.1 - 1e-3
     assert reached == pytest.approx(2.5, rel=0.01)
+
+
+def test_one_route_has_nothing_to_calibrate_or_label():
+    cost = COSTS[-1:]
+    bias = torch.full((1,), 3.0, dtype=torch.float64)
+    assert calibrate_route_bias(lambda x: x + bias, [torch.rand(5, 1, dtype=torch.float64)], bias, cost, 2.0) == 4.0
+    assert bias.tolist() == [0.0]
+    assert budget_labels(torch.rand(5, 1, dtype=torch.float64), cost, 2.0).tolist() == [0] * 5
