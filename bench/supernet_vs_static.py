@@ -42,11 +42,11 @@ def main() -> None:
     out = Path(args.bench_output)
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
-    from dsnet.config import parse_config
+    from dsnet.config import model_config, parse_config
     from dsnet.stages import resolve_val_widths, width_label
 
     config, _ = parse_config(flags)
-    widths = args.static_widths or resolve_val_widths(config, tuple(config["widths"]))
+    widths = args.static_widths or resolve_val_widths(config, tuple(model_config(config, 1)["widths"]))
     val_flags = ["--val-widths", *map(str, widths)]
     runs = {"supernet": [*flags, *val_flags]}
     for w in widths:

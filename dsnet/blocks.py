@@ -34,27 +34,31 @@ class BlockSpec:
     expand_ratio: int
     stride: int
     kernel_size: int
-    has_skip: bool
+    has_skip: bool  # the input is added as it is (a ResNet block without it adds its downsampled input)
+    reduce_group: int | None = None  # a ResNet bottleneck: its first 1×1 convolution's output, before hidden_group
 
 
 @dataclass
 class Part:
     """A run of dense layers whose cost depends on two channel counts: those of the group it reads (`in_group`,
     None for the network's input) and of the group it writes (`out_group`, None for the logits). With `skip` the part
-    adds a tensor of its output's shape (the block's input) to its output."""
+    adds a tensor of its output's shape (the block's input, or a ResNet block's downsampled input) to its output, then
+    applies `activation` where there is one (a ResNet block's ReLU after the sum)."""
 
     name: str
     module: nn.Module
     in_group: int | None
     out_group: int | None
     skip: bool = False
+    activation: nn.Module | None = None
 
     def __post_init__(self):
         self.module.eval()
 
     def __call__(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         y = self.module(x)
-        return y + skip if self.skip else y
+        y = y + skip if self.skip else y
+        return y if self.activation is None else self.activation(y)
 
 
 class Costs:
@@ -76,6 +80,10 @@ class Costs:
         bias = out_channels if conv.bias is not None else 0
         self.rows.append((name, self.size * self.size * weights, weights + bias))
 
+    def pool(self, kernel_size: int, stride: int, padding: int) -> None:
+        """A pooling layer: no MAdds, but the spatial size changes."""
+        self.size = (self.size + 2 * padding - kernel_size) // stride + 1
+
     def bn(self, name: str, channels: int) -> None:
         self.rows.append((name, 0, 2 * channels))
 
@@ -89,6 +97,11 @@ class Costs:
 class SlimBlock(nn.Module):
     """What every block type provides. ``widths`` is a tuple whose first three entries are (input, hidden,
     output) channels; a block with squeeze-excitation adds its reduced channels."""
+
+    part_names = ("features", "projection")  # the parts `export_parts` gives, after the block's name
+    # A gate can sit in the block: its output is its projection of the hidden features alone (the gated network
+    # carries only those past the gate).
+    gate_can_split = True
 
     def __init__(self, spec: BlockSpec, se_ratio: float):
         super().__init__()
@@ -163,6 +176,10 @@ class SlimBlock(nn.Module):
     def costs(self, widths: tuple[int, ...], costs: Costs) -> None:
         raise NotImplementedError
 
+    def producers(self) -> dict[int, list[str]]:
+        """The channel-mixing layers (full names) that write each channel group the block writes."""
+        raise NotImplementedError
+
 
 class DepthwiseSeparable(SlimBlock):
     """Block with expansion ratio 1: depthwise → BN → ReLU6 → (SE) → pointwise → BN."""
@@ -193,6 +210,9 @@ class DepthwiseSeparable(SlimBlock):
     def dense_projection(self, widths, slot):
         cin, _, cout = widths[:3]
         return OrderedDict(conv_pw=self.conv_pw.export(cin, cout), bn2=self.bn2.export(cout, slot))
+
+    def producers(self):
+        return {self.spec.out_group: [f"{self.spec.name}.conv_pw"]}
 
     def costs(self, widths, costs):
         cin, _, cout, se = widths
@@ -240,6 +260,10 @@ class InvertedResidual(SlimBlock):
     def dense_projection(self, widths, slot):
         _, hidden, cout = widths[:3]
         return OrderedDict(conv_pwl=self.conv_pwl.export(hidden, cout), bn3=self.bn3.export(cout, slot))
+
+    def producers(self):
+        name = self.spec.name
+        return {self.spec.hidden_group: [f"{name}.conv_pw"], self.spec.out_group: [f"{name}.conv_pwl"]}
 
     def costs(self, widths, costs):
         cin, hidden, cout, se = widths

@@ -1,6 +1,6 @@
 """Checkpoint files: written atomically, read with clear errors, and enough to rebuild the network alone.
 
-A checkpoint is a dict with at least ``model_config`` (the `SupernetConfig` as a dict), ``model`` (its state dict)
+A checkpoint is a dict with at least ``model_config`` (the supernet's config as a dict, `arch` naming its architecture), ``model`` (its state dict)
 and optionally ``ema`` (the EMA model's state dict), ``config`` (the run's merged config) and training state.
 A stage-II checkpoint also has ``gate`` (the `GateConfig` as a dict); its state dicts are the gated network's, whose
 supernet part is under ``supernet.``.
@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .archs import create_model
 from .errors import UserError
 from .files import atomic_path
 from .gate import GatedDSNet, GateConfig
-from .mobilenetv2 import DSMobileNetV2, SupernetConfig
 from .rng import upgrade_version_1_rng
+from .supernet import SlimNetwork
 
 FORMAT = "dsnet-checkpoint"
 VERSION = 2
@@ -113,16 +114,16 @@ def _load(network: torch.nn.Module, source: dict[str, torch.Tensor]) -> None:
         raise UserError(f"checkpoint weights do not fit its recorded architecture: {', '.join(problems)}")
 
 
-def _supernet(state: dict[str, Any]) -> DSMobileNetV2:
+def _supernet(state: dict[str, Any]) -> SlimNetwork:
     if not isinstance(state.get("model_config"), dict):
         raise UserError("the checkpoint records no supernet configuration ('model_config')")
     try:
-        return DSMobileNetV2(SupernetConfig.from_dict(state["model_config"]))
+        return create_model(state["model_config"])
     except (TypeError, ValueError) as exc:
         raise UserError(f"checkpoint records an invalid supernet: {exc}") from None
 
 
-def supernet_from_checkpoint(state: dict[str, Any], weights: str = "ema") -> DSMobileNetV2:
+def supernet_from_checkpoint(state: dict[str, Any], weights: str = "ema") -> SlimNetwork:
     """Rebuild the supernet a checkpoint holds, with its EMA weights (`ema`, when present) or live weights.
 
     Of a stage-II checkpoint this is the gated network's supernet, without the gate.
@@ -148,17 +149,17 @@ def gated_network_from_checkpoint(state: dict[str, Any], weights: str = "ema") -
     return network.eval()
 
 
-def network_from_checkpoint(state: dict[str, Any], weights: str = "ema") -> DSMobileNetV2 | GatedDSNet:
+def network_from_checkpoint(state: dict[str, Any], weights: str = "ema") -> SlimNetwork | GatedDSNet:
     """The network a checkpoint holds: the gated network when it has a gate, else the supernet."""
     if state.get("gate") is not None:
         return gated_network_from_checkpoint(state, weights)
     return supernet_from_checkpoint(state, weights)
 
 
-def load_supernet(path: str | os.PathLike, weights: str = "ema") -> DSMobileNetV2:
+def load_supernet(path: str | os.PathLike, weights: str = "ema") -> SlimNetwork:
     return supernet_from_checkpoint(load_checkpoint(path), weights)
 
 
-def load_network(path: str | os.PathLike, weights: str = "ema") -> DSMobileNetV2 | GatedDSNet:
+def load_network(path: str | os.PathLike, weights: str = "ema") -> SlimNetwork | GatedDSNet:
     """Read a checkpoint file and rebuild its network: gated (stage II) or a supernet (stage I)."""
     return network_from_checkpoint(load_checkpoint(path), weights)

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+import torch
 import yaml
 
 from .cli import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, Number,
@@ -19,7 +20,8 @@ from .cli import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_I
 from .errors import UserError
 from .data import DATASETS, DataOptions
 from .gate_training import MADDS_LOSSES, SGS_MODES
-from .mobilenetv2 import MOBILENETV2_STAGES, SupernetConfig, scale_depth
+from .archs import ARCHS, DEFAULT_ARCH, config_class, create_model
+from .mobilenetv2 import MOBILENETV2_STAGES, scale_depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +70,16 @@ KEYS: tuple[Key, ...] = (
     Key("skip_bad_images", False, "skip an image file that cannot be decoded, with a warning naming it, instead of "
         "stopping with an error that names it"),
     # model
-    Key("widths", list(SupernetConfig().widths), "width multipliers of the supernet, increasing", "floats"),
+    Key("arch", DEFAULT_ARCH, "supernet architecture: mobilenetv2, the ImageNet ResNets (timm's layout) or the CIFAR "
+        "ResNets resnet20 and resnet56", str, tuple(ARCHS)),
+    Key("widths", None, "width multipliers of the supernet, increasing (default: the arch's: 0.35 to 1.0 in steps "
+        "of 0.05 for MobileNetV2, 0.25 0.5 0.75 1.0 for a ResNet)", "floats"),
     Key("num_classes", None, "number of classes (default: the dataset's)", POSITIVE_INT),
     Key("small_input", True, "small-input stem for ~32 px images (stem and second stage at stride 1)"),
-    Key("depth_multiplier", 0.5, "blocks per stage times this, rounded up, as timm's depth_multiplier (0.5: 11 "
-        "blocks instead of MobileNetV2's 17)", POSITIVE),
+    Key("depth_multiplier", 0.5, "MobileNetV2: blocks per stage times this, rounded up, as timm's depth_multiplier "
+        "(0.5: 11 blocks instead of 17); a ResNet's depth is its arch's", POSITIVE),
     Key("dropout", 0.0, "dropout before the classifier", FRACTION),
-    Key("se_ratio", 0.0, "squeeze-excitation in every block (0: none)", PROBABILITY),
+    Key("se_ratio", 0.0, "MobileNetV2: squeeze-excitation in every block (0: none)", PROBABILITY),
     Key("slim_from", None, "gate-aware layout (DS-Net's): the first block of a stage, e.g. blocks.3.0; the layers "
         "before it keep trunk_width in every width choice, so the width choices are the routes of a gate there and "
         "stage I trains them (it needs num_random_plans 0)", str),
@@ -221,22 +226,21 @@ def validate(config: dict[str, Any]) -> None:
     for key in KEYS:
         if config[key.name] is None and key.default is not None:
             raise UserError(f"{key.name} needs a value (default: {key.default})")
+    if config["arch"] != "mobilenetv2" and config["se_ratio"]:
+        raise UserError(f"--se-ratio is MobileNetV2's; {config['arch']} has no squeeze-excitation")
     try:
-        SupernetConfig.from_dict(model_config(config, num_classes=config["num_classes"] or 1)).validate()
+        with torch.device("meta"):  # the layout's own checks (slim_from among them), without allocating weights
+            create_model(model_config(config, num_classes=config["num_classes"] or 1))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if config["slim_from"] is not None:
-        firsts = [f"blocks.{i}.0" for i in range(len(MOBILENETV2_STAGES))]
-        if config["slim_from"] not in firsts:
-            raise UserError(f"--slim-from must be the first block of a stage ({', '.join(firsts)}); got "
-                            f"{config['slim_from']!r}")
         if config["stage"] == "supernet" and config["num_random_plans"]:
             raise UserError("a gate-aware supernet (--slim-from) trains its width choices, which are its gate's "
                             "routes; random per-stage plans would train other networks: set --num-random-plans 0")
 
 
 # Keys added after runs were recorded without them, each with the value those runs had (not today's default).
-RECORDED_BEFORE = {"depth_multiplier": 1.0}
+RECORDED_BEFORE = {"depth_multiplier": 1.0, "arch": "mobilenetv2"}
 
 
 def recorded_config(state: dict[str, Any]) -> dict[str, Any]:
@@ -247,10 +251,13 @@ def recorded_config(state: dict[str, Any]) -> dict[str, Any]:
 
 def model_config(config: dict[str, Any], num_classes: int) -> dict[str, Any]:
     """The supernet's part of a run config."""
-    return {"widths": config["widths"], "num_classes": num_classes, "img_size": config["img_size"],
-            "small_input": config["small_input"], "dropout": config["dropout"], "se_ratio": config["se_ratio"],
-            "stages": scale_depth(MOBILENETV2_STAGES, config["depth_multiplier"]),
-            "slim_from": config["slim_from"], "trunk_width": config["trunk_width"]}
+    widths = config["widths"] if config["widths"] is not None else list(config_class(config["arch"])().widths)
+    values = {"arch": config["arch"], "widths": widths, "num_classes": num_classes,
+              "img_size": config["img_size"], "small_input": config["small_input"], "dropout": config["dropout"],
+              "slim_from": config["slim_from"], "trunk_width": config["trunk_width"]}
+    if config["arch"] == "mobilenetv2":
+        values.update(se_ratio=config["se_ratio"], stages=scale_depth(MOBILENETV2_STAGES, config["depth_multiplier"]))
+    return values
 
 
 def data_options(config: dict[str, Any]) -> DataOptions:

@@ -1,7 +1,8 @@
 """Dense subnet extraction: any width of the supernet as a plain `torch.nn` network.
 
-The dense network is built of standard layers only (plus `Residual`, a `nn.Sequential` that adds its input), with
-timm's module names, so its state dict loads into timm's `mobilenetv2_*` model of the same width as it is.
+The dense network is built of standard layers only (plus `Residual`, a `nn.Sequential` that adds its input, and
+timm's ResNet blocks), with timm's module names, so its state dict loads into timm's `mobilenetv2_*` model of the same
+width, or timm's `resnet18/34/50` at width 1.0, as it is.
 
 `python -m dsnet.export` writes one width of a checkpoint's supernet as a `torch.export` program, TorchScript, ONNX, a
 timm state dict or a pickled module, then reloads the file and checks its output against the supernet's. Without a
@@ -31,8 +32,8 @@ from .dense_gated import (export_gated, fold_gated, load_torch_export, run_onnx_
                           write_onnx_routes)
 from .gate import GatedDSNet
 from .madds import count_madds, count_params
-from .mobilenetv2 import TIMM_MODELS, DSMobileNetV2, SupernetConfig
 from .plans import load_plan
+from .supernet import SlimNetwork
 from .widths import WidthPlan
 
 
@@ -82,7 +83,7 @@ PT_WARNING = ("warning: a pt file is a pickle, and loading it (torch.load(..., w
 CHECK_BATCH = 3  # differs from the traced batch, so the check also proves the batch axis is dynamic
 
 
-def resolve_export_width(model: DSMobileNetV2, width: float | None, plan_file: str | None) -> WidthPlan:
+def resolve_export_width(model: SlimNetwork, width: float | None, plan_file: str | None) -> WidthPlan:
     if plan_file is not None:
         return load_plan(model, plan_file)
     choice = model.choice_index(width)
@@ -91,35 +92,24 @@ def resolve_export_width(model: DSMobileNetV2, width: float | None, plan_file: s
     return model.choice_plans[choice]
 
 
-def timm_model_name(model: DSMobileNetV2, plan: WidthPlan) -> str:
+def timm_model_name(model: SlimNetwork, plan: WidthPlan) -> str:
     """The timm model whose state dict the dense subnet of `plan` is, or UserError saying why there is none."""
     if plan.choice is None:
         raise UserError("the timm format needs a uniform width; this plan is not one of the checkpoint's width "
                         f"choices {list(model.widths)}")
     width = model.widths[plan.choice]
-    name = next((n for w, n in TIMM_MODELS.items() if abs(w - width) < 1e-6), None)
-    if name is None:
-        raise UserError(f"timm registers no MobileNetV2 of width {width}; it has widths {sorted(TIMM_MODELS)}")
-    cfg = model.config
-    default = SupernetConfig()
-    if cfg.small_input:
-        raise UserError("timm's MobileNetV2 has no small-input stem; this supernet was built with small_input")
-    if cfg.in_chans != 3:
-        raise UserError(f"the timm format needs 3 input channels; this supernet takes {cfg.in_chans}")
-    if cfg.se_ratio:
-        raise UserError("timm's MobileNetV2 has no squeeze-excitation; this supernet has se_ratio "
-                        f"{cfg.se_ratio}")
+    if model.config.in_chans != 3:
+        raise UserError(f"the timm format needs 3 input channels; this supernet takes {model.config.in_chans}")
     if model.trunk_width is not None and abs(model.trunk_width - width) > 1e-6:
-        raise UserError(f"timm's MobileNetV2 has one width in every layer; width {width:g} of this gate-aware "
-                        f"supernet runs the layers before {cfg.slim_from} at {model.trunk_width:g}")
-    differing = [key for key in ("stem_channels", "head_channels", "stages", "kernel_size", "bn_eps")
-                 if getattr(cfg, key) != getattr(default, key)]
-    if differing:
-        raise UserError(f"this supernet's {', '.join(differing)} differ from timm's MobileNetV2")
-    return name
+        raise UserError(f"timm's models have one width in every layer; width {width:g} of this gate-aware "
+                        f"supernet runs the layers before {model.config.slim_from} at {model.trunk_width:g}")
+    try:
+        return model.timm_name(width)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
-def prepare_bn_statistics(model: DSMobileNetV2, plan: WidthPlan, state: dict[str, Any], num_batches: int,
+def prepare_bn_statistics(model: SlimNetwork, plan: WidthPlan, state: dict[str, Any], num_batches: int,
                           batch_size: int, data: str | None, data_dir: str | None) -> str:
     """Make the statistics `plan` runs with ready for export; returns a line saying where they come from."""
     if num_batches:
@@ -185,7 +175,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m dsnet.export",
         description="Export one width of a trained supernet as a dense network (a torch.export program, "
-                    "TorchScript, ONNX, a timm MobileNetV2 state dict, or a pickled torch.nn module), or, given "
+                    "TorchScript, ONNX, a timm state dict, or a pickled torch.nn module), or, given "
                     "neither --width nor --plan, the whole gated network of a gate checkpoint with its routing "
                     "inside. Then reload the written file and check its output against the checkpoint's network.")
     add_checkpoint_args(parser)
@@ -200,7 +190,7 @@ def build_parser() -> ArgumentParser:
                              "torchscript: a module for torch.jit.load; onnx: an ONNX graph with input 'input' and "
                              "output 'logits', batch axis dynamic (the gated network: a directory of graphs, see "
                              "docs/export.md); timm: a state dict for timm's mobilenetv2_* of the same width "
-                             "(uniform widths of an ImageNet-layout supernet only); pt: the torch.nn module saved "
+                             "or its resnet18/34/50 at width 1.0 (uniform widths of an ImageNet-layout supernet only); pt: the torch.nn module saved "
                              "with torch.save (loading it needs dsnet). The gated network's torch formats return "
                              "(logits, routes)")
     parser.add_argument("--out", required=True, metavar="PATH",
@@ -348,7 +338,7 @@ def load_gated_export(fmt: str, path: Path):
     return load_export(fmt, path)  # the torch formats load as one width's do
 
 
-def _describe(model: DSMobileNetV2, plan: WidthPlan) -> str:
+def _describe(model: SlimNetwork, plan: WidthPlan) -> str:
     if plan.choice is not None:
         return f"{model.widths[plan.choice]} (width choice {plan.choice})"
     narrowed = [f"{name} {c}" for name, c, m in zip(plan.names, plan.channels, model.max_channels) if c != m]

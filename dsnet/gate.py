@@ -37,8 +37,8 @@ from .records import Record
 from .bn_slots import (RoutedNorm, SlotNorm, calibrate_routes, copy_statistics, share_pre_gate_statistics,
                        supernet_norms)
 from .madds import layer_costs
-from .mobilenetv2 import DSMobileNetV2
 from .slim import SlimBatchNorm2d, SlimSqueezeExcite
+from .supernet import SlimNetwork
 from .widths import WidthPlan
 
 DEFAULT_GATE_BLOCK = "blocks.3.0"
@@ -115,12 +115,15 @@ class RoutingInfo:
     madds: torch.Tensor  # (batch,) multiply-accumulates of each input's route, the gate included
 
 
-def check_gate_config(supernet: DSMobileNetV2, config: GateConfig) -> None:
+def check_gate_config(supernet: SlimNetwork, config: GateConfig) -> None:
     """ValueError saying what does not fit: routes that are not width choices, a gate block that is not the
     first block of a stage, an input width that is not a width choice."""
     def not_choices(values: Sequence[float]) -> list[float]:
         return [w for w in values if supernet.choice_index(float(w)) is None]
 
+    if not any(block.gate_can_split for block in supernet.flat_blocks):
+        raise ValueError(f"gates run on MobileNetV2 supernets: a {supernet.arch} block adds its input to its output "
+                         "after the features a gate reads, and the gated network carries only those")
     choices = ", ".join(f"{w:g}" for w in supernet.widths)
     if not config.routes:
         raise ValueError("the gate needs at least one route")
@@ -147,7 +150,7 @@ def check_gate_config(supernet: DSMobileNetV2, config: GateConfig) -> None:
         raise ValueError(f"gate se_ratio must be in (0, 1], got {config.se_ratio}")
 
 
-def route_plans(supernet: DSMobileNetV2, config: GateConfig) -> tuple[WidthPlan, ...]:
+def route_plans(supernet: SlimNetwork, config: GateConfig) -> tuple[WidthPlan, ...]:
     """The plan of each route: stem and the stages before the gate's at the input width, the rest at the route's."""
     gate_stage = supernet.stage_names.index(config.block.rsplit(".", 1)[0])
     after = len(supernet.stage_names) - gate_stage
@@ -158,7 +161,7 @@ def route_plans(supernet: DSMobileNetV2, config: GateConfig) -> tuple[WidthPlan,
 class GatedDSNet(nn.Module):
     """A supernet with a double-headed gate: each input runs at the route its gate picks (see the module doc)."""
 
-    def __init__(self, supernet: DSMobileNetV2, config: GateConfig):
+    def __init__(self, supernet: SlimNetwork, config: GateConfig):
         super().__init__()
         check_gate_config(supernet, config)
         self.supernet = supernet
@@ -329,7 +332,7 @@ class GatedDSNet(nn.Module):
 # ---- building a gated network -------------------------------------------------------------------------------------
 
 
-def insert_gate(supernet: DSMobileNetV2, config: GateConfig, batches: Iterable | None = None,
+def insert_gate(supernet: SlimNetwork, config: GateConfig, batches: Iterable | None = None,
                 num_batches: int | None = None) -> GatedDSNet:
     """A gated network around a trained supernet. The network computes what the supernet computes at each route.
 

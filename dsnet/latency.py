@@ -39,17 +39,17 @@ from .cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser, parse_quantity,
 from .errors import UserError
 from .export import DEFAULT_OPSET, fold_batch_norms
 from .files import write_text_atomic
-from .mobilenetv2 import DSMobileNetV2
+from .supernet import SlimNetwork
 from .timing import median_seconds
 from .widths import WidthPlan
 
 FORMAT = "dsnet-latency-table"
 VERSION = 1
 RUNTIMES = ("torch", "onnxruntime")
-# What a table shares with every network it predicts for: the keys of the supernet's config that shape its deployed
-# layers (dropout, BN momentum and statistics slots do not).
-NETWORK_KEYS = ("widths", "num_classes", "in_chans", "small_input", "se_ratio", "stem_channels", "head_channels",
-                "stages", "kernel_size")
+# What a table shares with every network it predicts for: its supernet config, less the keys that do not shape the
+# deployed layers (dropout, BN momentum and statistics slots) or that the table checks apart (the input size). A
+# table written before `arch` was recorded is MobileNetV2's.
+NOT_NETWORK_KEYS = ("img_size", "dropout", "bn_momentum", "bn_eps", "custom_bn_slots", "slim_from", "trunk_width")
 _UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
 
 
@@ -83,10 +83,11 @@ class _Runnable(nn.Module):
         super().__init__()
         self.body = fold_batch_norms(part.module)
         self.skip = part.skip
+        self.activation = part.activation if part.activation is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, *skip: torch.Tensor) -> torch.Tensor:
         y = self.body(x)
-        return y + skip[0] if self.skip else y
+        return self.activation(y + skip[0] if self.skip else y)
 
 
 def torch_timer(repeats: int, warmup: int, device: torch.device) -> Callable[[Sequence[Timed]], list[float]]:
@@ -125,7 +126,7 @@ def onnxruntime_timer(repeats: int, warmup: int, threads: int) -> Callable[[Sequ
     return measure
 
 
-def grid_channels(model: DSMobileNetV2, widths: Sequence[float], min_channels: int) -> list[list[int]]:
+def grid_channels(model: SlimNetwork, widths: Sequence[float], min_channels: int) -> list[list[int]]:
     """Per group, the channel counts the table times: those of the width choices `widths`, the same fractions of the
     group's widest count (rounded as timm rounds: a group the choices keep at one width, as the head, still gets a
     grid), and the floor."""
@@ -136,7 +137,7 @@ def grid_channels(model: DSMobileNetV2, widths: Sequence[float], min_channels: i
             for g, m in enumerate(model.max_channels)]
 
 
-def _choice(model: DSMobileNetV2, width: float) -> int:
+def _choice(model: SlimNetwork, width: float) -> int:
     index = model.choice_index(width)
     if index is None:
         raise UserError(f"width {width} is not one of the supernet's width choices {list(model.widths)}")
@@ -149,22 +150,26 @@ def _axes(part: Part) -> list[int]:
     return sorted(set(groups), key=groups.index)
 
 
-def part_inputs(model: DSMobileNetV2, img_size: int) -> dict[str, tuple[int, int]]:
+def part_inputs(model: SlimNetwork, img_size: int) -> dict[str, tuple[int, int]]:
     """Each part's input height and width, for one image of `img_size` (they do not depend on the widths)."""
-    sizes, x, block_input = {}, torch.zeros(1, model.config.in_chans, img_size, img_size), None
+    sizes, x, block_input, shortcut = {}, torch.zeros(1, model.config.in_chans, img_size, img_size), None, None
     with torch.inference_mode():
         for part in model.export_parts(model.smallest, model.stats_slot(model.smallest)):
+            if part.name.endswith(".downsample"):  # a ResNet shortcut: it reads the block's input
+                sizes[part.name] = tuple(block_input.shape[-2:])
+                shortcut = part(block_input)
+                continue
             sizes[part.name] = tuple(x.shape[-2:])
             if part.name.endswith(".features"):
-                block_input = x
-            x = part(x, block_input if part.skip else None)
+                block_input = shortcut = x
+            x = part(x, shortcut if part.skip else None)
     return sizes
 
 
 class TableBuilder:
     """The entries of a table for `model` and the timing of them, part by part (see the module docstring)."""
 
-    def __init__(self, model: DSMobileNetV2, img_size: int, batch_size: int, widths: Sequence[float],
+    def __init__(self, model: SlimNetwork, img_size: int, batch_size: int, widths: Sequence[float],
                  min_channels: int, device: torch.device = torch.device("cpu")):
         self.model, self.img_size, self.batch_size, self.device = model, img_size, batch_size, device
         self.widths = list(widths)
@@ -210,7 +215,7 @@ class TableBuilder:
                      (torch.randn(self.batch_size, self.model.config.in_chans, size, size, device=self.device),))
 
 
-def deployed_network(model: DSMobileNetV2, plan: WidthPlan) -> nn.Module:
+def deployed_network(model: SlimNetwork, plan: WidthPlan) -> nn.Module:
     """The dense network of any plan as deployed, BN folded. Its BN statistics are the largest width's, whichever
     the plan: a latency does not depend on them."""
     dense = nn.Sequential(model.export_layers(plan, model.stats_slot(model.largest))).eval()
@@ -223,9 +228,8 @@ def entry_key(module: nn.Module, shapes: list[tuple[int, ...]]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def network_description(model: DSMobileNetV2) -> dict[str, Any]:
-    config = model.config.to_dict()
-    return {key: config[key] for key in NETWORK_KEYS}
+def network_description(model: SlimNetwork) -> dict[str, Any]:
+    return {key: value for key, value in model.config.to_dict().items() if key not in NOT_NETWORK_KEYS}
 
 
 def build_table(builder: TableBuilder, measure: Callable[[Sequence[Timed]], list[float]], settings: dict[str, Any],
@@ -338,14 +342,14 @@ class LatencyTable:
         return (f"{d['runtime']} on {d['device']}, batch {d['batch_size']}, {d['threads']} thread(s), "
                 f"{d['img_size']}×{d['img_size']}")
 
-    def check(self, model: DSMobileNetV2, img_size: int) -> None:
+    def check(self, model: SlimNetwork, img_size: int) -> None:
         """UserError when the table was made for another network, width set or input size than `model`'s."""
-        ours = network_description(model)
-        for key in NETWORK_KEYS:
-            if self.data["network"].get(key) != ours[key]:
+        ours, theirs = network_description(model), {"arch": "mobilenetv2", **self.data["network"]}
+        for key in ours:
+            if theirs.get(key) != ours[key]:
                 what = "width set" if key == "widths" else key
                 raise UserError(f"latency table {self.source!r} was made for another network: its {what} is "
-                                f"{self.data['network'].get(key)}, this checkpoint's is {ours[key]}")
+                                f"{theirs.get(key)}, this checkpoint's is {ours[key]}")
         if self.data["img_size"] != img_size:
             raise UserError(f"latency table {self.source!r} was made for {self.data['img_size']}×"
                             f"{self.data['img_size']} inputs; this network runs at {img_size}×{img_size}")
@@ -394,7 +398,7 @@ def check_latency_budget(target: float, table: LatencyTable, fastest: WidthPlan,
     return min(target, high)
 
 
-def read_table_for(path: str, model: DSMobileNetV2, img_size: int) -> LatencyTable:
+def read_table_for(path: str, model: SlimNetwork, img_size: int) -> LatencyTable:
     """The table at `path`, checked against `model` at `img_size`."""
     table = LatencyTable.read(path)
     table.check(model, img_size)
@@ -438,10 +442,10 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def supernet_of_recipe(path: str, num_classes: int | None) -> tuple[DSMobileNetV2, int]:
+def supernet_of_recipe(path: str, num_classes: int | None) -> tuple[SlimNetwork, int]:
     from .config import defaults, load_recipe, model_config, validate
     from .data import DigitsDataset
-    from .mobilenetv2 import create_supernet
+    from .archs import create_model
 
     config = {**defaults(), **load_recipe(path)}
     validate(config)
@@ -449,7 +453,7 @@ def supernet_of_recipe(path: str, num_classes: int | None) -> tuple[DSMobileNetV
     classes = num_classes or config["num_classes"] or known.get(config["data"])
     if classes is None:
         raise UserError(f"recipe {path!r} does not fix the number of classes; pass --num-classes")
-    return create_supernet(model_config(config, classes)).eval(), int(config["img_size"])
+    return create_model(model_config(config, classes)).eval(), int(config["img_size"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,8 +34,8 @@ from .cpu_memory import keep_freed_memory
 from .data import DataOptions, build_dataset, build_loader, build_transform
 from .madds import count_madds, count_params
 from .metrics import batch_sums, metric_sums, summarize
-from .mobilenetv2 import DSMobileNetV2
 from .plans import write_plan_file
+from .supernet import SlimNetwork
 from .latency import check_latency_budget, format_ms, parse_latency, read_table_for
 from .widths import WidthPlan
 
@@ -109,11 +109,11 @@ class _Candidate:
 Cost = Callable[[WidthPlan], float]  # what a budget limits: MAdds (the default) or a predicted latency
 
 
-def madds_cost(model: DSMobileNetV2, img_size: int | None) -> Cost:
+def madds_cost(model: SlimNetwork, img_size: int | None) -> Cost:
     return lambda plan: count_madds(model, plan, img_size)
 
 
-def start_plan(model: DSMobileNetV2, target: float, start: str, img_size: int | None = None,
+def start_plan(model: SlimNetwork, target: float, start: str, img_size: int | None = None,
                cost: Cost | None = None) -> WidthPlan:
     """Where a search begins: `largest` (AutoSlim), or `nearest`: the narrowest width choice whose cost (MAdds by
     default) is at least `target` (the largest when every choice is below it)."""
@@ -125,12 +125,12 @@ def start_plan(model: DSMobileNetV2, target: float, start: str, img_size: int | 
     return next((plan for plan in model.choice_plans if cost(plan) >= target), model.largest)
 
 
-def narrowest_plan(model: DSMobileNetV2, min_channels: int) -> WidthPlan:
+def narrowest_plan(model: SlimNetwork, min_channels: int) -> WidthPlan:
     """Every group at `min_channels`, or at its maximum where that is smaller: where a search can end up."""
     return model.resolve_width({n: min(m, min_channels) for n, m in zip(model.group_names, model.max_channels)})
 
 
-def evaluate_plan(model: DSMobileNetV2, width, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+def evaluate_plan(model: SlimNetwork, width, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
                   ) -> tuple[float, float]:
     """(top-1 in percent, mean cross-entropy) of `width` on (images, targets) batches, with its BN statistics."""
     was_training = model.training
@@ -144,7 +144,7 @@ def evaluate_plan(model: DSMobileNetV2, width, batches: Sequence[tuple[torch.Ten
     return figures["top1"], figures["loss"]
 
 
-def evaluate_top1(model: DSMobileNetV2, width, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def evaluate_top1(model: SlimNetwork, width, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Top-1 accuracy in percent of `width` on (images, targets) batches, with the BN statistics it has."""
     return evaluate_plan(model, width, batches)[0]
 
@@ -168,7 +168,7 @@ def search_batches(options: DataOptions, calibration: int, evaluation: int, batc
     return calibration_batches, load(order[cut:needed])
 
 
-def _group_moves(model: DSMobileNetV2, plan: WidthPlan, madds: float, needed: float, step: int, min_channels: int,
+def _group_moves(model: SlimNetwork, plan: WidthPlan, madds: float, needed: float, step: int, min_channels: int,
                  cost: Cost):
     """(group, channels, width, cost) of each group narrowed by as many `step`-channel steps as saving `needed`
     takes (fewer where `min_channels` stops it)."""
@@ -183,7 +183,7 @@ def _group_moves(model: DSMobileNetV2, plan: WidthPlan, madds: float, needed: fl
             yield name, narrower, candidate, candidate_madds
 
 
-def _stage_moves(model: DSMobileNetV2, stages: tuple[int, ...], madds: float, needed: float, cost: Cost):
+def _stage_moves(model: SlimNetwork, stages: tuple[int, ...], madds: float, needed: float, cost: Cost):
     """(stage, multiplier, per-stage choice indices, cost) of each stage moved down as many width choices as saving
     `needed` takes (fewer at the smallest choice)."""
     for s, name in enumerate(model.stage_names):
@@ -196,7 +196,7 @@ def _stage_moves(model: DSMobileNetV2, stages: tuple[int, ...], madds: float, ne
             yield name, model.widths[index], candidate, candidate_madds
 
 
-def search_plan(model: DSMobileNetV2, target_madds: int, calibration_batches: Sequence[torch.Tensor],
+def search_plan(model: SlimNetwork, target_madds: int, calibration_batches: Sequence[torch.Tensor],
                 eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], step: int = 8, min_channels: int = 8,
                 img_size: int | None = None,
                 progress: Callable[[SearchStep, int, float], None] | None = None,

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
+from .archs import create_model
 from .bn_slots import calibrate_routes, recalibrate_bn
 from .checkpoint import gated_network_from_checkpoint, load_checkpoint, supernet_from_checkpoint
 from .errors import UserError
@@ -27,8 +28,8 @@ from .latency import format_ms, parse_latency, read_table_for
 from .gate_training import GateLosses, epoch_metrics, evaluate_gated, gate_step, set_trainable, target_madds
 from .madds import count_madds
 from .metrics import batch_sums, metric_sums, summarize
-from .mobilenetv2 import DSMobileNetV2, SupernetConfig
 from .sandwich import random_stage_plans, sandwich_step, sandwich_widths
+from .supernet import SlimNetwork
 from .prune.permute import order_by_bn_scale
 from .timm_import import supernet_from_timm
 
@@ -68,7 +69,7 @@ def resolve_val_widths(config: dict, widths: tuple[float, ...]) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate_widths(model: DSMobileNetV2, loader: Iterable, widths: list[float], device: torch.device,
+def evaluate_widths(model: SlimNetwork, loader: Iterable, widths: list[float], device: torch.device,
                     autocast: Autocast | None = None, reduce: Reduce | None = None, prefix: str = ""
                     ) -> dict[str, float]:
     """Top-1, top-5 and loss of each width over the loader (summed across processes by `reduce`)."""
@@ -92,7 +93,7 @@ class SupernetStage:
         self.config = config
         self.calibration = None  # BN recalibration batches, loaded on first use
 
-    def build_model(self, num_classes: int, device: torch.device, resume_state: dict | None) -> DSMobileNetV2:
+    def build_model(self, num_classes: int, device: torch.device, resume_state: dict | None) -> SlimNetwork:
         recorded = (resume_state or {}).get("model_config")  # a resumed run rebuilds the supernet it saved
         if self.config["init_permute"] and not self.config["init_timm"]:
             raise UserError("--init-permute reorders imported weights: it needs --init-timm")
@@ -102,7 +103,7 @@ class SupernetStage:
                 order_by_bn_scale(model)
                 print("channels of every group reordered by BN scale |γ|, largest first (--init-permute)")
         else:
-            model = DSMobileNetV2(SupernetConfig.from_dict(recorded or model_config(self.config, num_classes)))
+            model = create_model(recorded or model_config(self.config, num_classes))
         self.model, self.model_config = model.to(device), model.config
         self.widths = self.model.widths
         self.val_widths = resolve_val_widths(self.config, self.widths)
@@ -208,7 +209,7 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def gate_config_from_run(config: dict[str, Any], supernet: DSMobileNetV2) -> GateConfig:
+def gate_config_from_run(config: dict[str, Any], supernet: SlimNetwork) -> GateConfig:
     """The gate the run config asks for, checked against the supernet (UserError saying what does not fit)."""
     widths = supernet.widths
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 
+from .archs import create_model
 from .cli import POSITIVE_INT, ArgumentParser, run_main
 from .madds import count_madds, count_params
-from .mobilenetv2 import create_supernet
 
 KNOWN_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashion-mnist": 10}
 
@@ -19,14 +19,19 @@ def model_config_from_recipe(path: str) -> dict:
     return model_config(config, classes)
 
 
+def _first_blocks(model) -> list[int]:
+    """The index of each stage's first block: its output is the stage's channels."""
+    return [i for i, spec in enumerate(model.block_specs) if spec.name.endswith(".0")]
+
+
 def summary_rows(model, img_size: int) -> list[dict]:
     rows = []
     for width, plan in zip(model.widths, model.choice_plans):
         rows.append({
             "width": width,
             "stem": plan["stem"],
-            "stages": [plan[name] for name in model.stage_names[1:-1]],
-            "head": plan["head"],
+            "stages": [plan.channels[model.block_specs[i].out_group] for i in _first_blocks(model)],
+            "head": plan.channels[model.head_group],
             "params": count_params(model, plan),
             "madds": count_madds(model, plan, img_size),
         })
@@ -45,7 +50,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    model = create_supernet(model_config_from_recipe(args.config) if args.config else None)
+    model = create_model(model_config_from_recipe(args.config) if args.config else None)
     img_size = model.config.img_size if args.img_size is None else args.img_size
     rows = summary_rows(model, img_size)
     if args.json:

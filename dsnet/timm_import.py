@@ -1,8 +1,9 @@
-"""Pretrained timm weights in: a supernet whose largest width is a timm MobileNetV2, the inverse of the timm export.
+"""Pretrained timm weights in: a supernet whose largest width is a timm MobileNetV2 or ResNet, the inverse of the
+timm export.
 
-The supernet's modules carry timm's names, so a timm `mobilenetv2_*` state dict is the supernet's own at its largest
-width. Every BN statistics slot starts from timm's statistics (a narrower width keeps their first channels, as it
-keeps the first channels of every weight); stage I re-estimates them per width.
+The supernet's modules carry timm's names, so a timm `mobilenetv2_*` or `resnet18/34/50` state dict is the supernet's
+own at its largest width. Every BN statistics slot starts from timm's statistics (a narrower width keeps their first
+channels, as it keeps the first channels of every weight); stage I re-estimates them per width.
 """
 from __future__ import annotations
 
@@ -12,66 +13,97 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from .archs import create_model
 from .errors import UserError
-from .mobilenetv2 import DEFAULT_WIDTHS, MOBILENETV2_STAGES, TIMM_MODELS, DSMobileNetV2, create_supernet
+from .mobilenetv2 import DEFAULT_WIDTHS, MOBILENETV2_STAGES, TIMM_MODELS
+from .resnet import DEFAULT_RESNET_WIDTHS
+from .supernet import SlimNetwork
 
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+TIMM_RESNETS = ("resnet18", "resnet34", "resnet50")  # the timm ResNets whose layout dsnet has, at width 1.0
+CLASSIFIERS = {"mobilenetv2": "classifier", **{arch: "fc" for arch in TIMM_RESNETS}}
 
 
-def timm_width(state: Mapping[str, torch.Tensor]) -> float:
-    """The width of the timm MobileNetV2 whose state dict `state` is; UserError if it is none of them."""
-    if "classifier.weight" not in state:
-        raise UserError("not a timm MobileNetV2 state dict: it has no 'classifier.weight'")
-    num_classes = state["classifier.weight"].shape[0]
+def _shapes_match(state: Mapping[str, torch.Tensor], arch: str, width: float, num_classes: int) -> bool:
+    with torch.device("meta"):
+        model = create_model({"arch": arch, "widths": [width], "num_classes": num_classes})
     shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith(STATISTICS)}
-    for width in TIMM_MODELS:
-        model = create_supernet(widths=[width], num_classes=num_classes)
-        if shapes == {k: tuple(p.shape) for k, p in model.named_parameters()}:
-            return width
-    raise UserError(f"not the state dict of a timm MobileNetV2 of widths {sorted(TIMM_MODELS)} "
-                    f"({', '.join(TIMM_MODELS.values())})")
+    return shapes == {k: tuple(p.shape) for k, p in model.named_parameters()}
 
 
-def from_timm(source: nn.Module | Mapping[str, torch.Tensor], widths: list[float] | None = None,
-              num_classes: int | None = None, **config: Any) -> DSMobileNetV2:
-    """A supernet whose largest width computes the timm MobileNetV2 `source` (a model or its state dict) exactly.
+def timm_arch(state: Mapping[str, torch.Tensor]) -> tuple[str, float]:
+    """(arch, width) of the timm network whose state dict `state` is; UserError if it is none dsnet has."""
+    if "classifier.weight" in state:
+        num_classes = state["classifier.weight"].shape[0]
+        for width in TIMM_MODELS:
+            if _shapes_match(state, "mobilenetv2", width, num_classes):
+                return "mobilenetv2", width
+        raise UserError(f"not the state dict of a timm MobileNetV2 of widths {sorted(TIMM_MODELS)} "
+                        f"({', '.join(TIMM_MODELS.values())})")
+    if "fc.weight" in state:
+        num_classes = state["fc.weight"].shape[0]
+        for arch in TIMM_RESNETS:
+            if _shapes_match(state, arch, 1.0, num_classes):
+                return arch, 1.0
+        raise UserError(f"not the state dict of a timm {', '.join(TIMM_RESNETS)}")
+    raise UserError("not a timm MobileNetV2 or ResNet state dict: it has neither 'classifier.weight' nor "
+                    "'fc.weight'")
 
-    `widths` must end at the timm model's width (default: the standard widths below it, then it). With another
-    `num_classes` than the timm model's, the classifier is re-initialised, as timm's `pretrained=True` does. Other
-    keywords go to the supernet's config (e.g. `dropout`, `img_size`); the layout must stay timm's.
-    """
-    state = source.state_dict() if isinstance(source, nn.Module) else dict(source)
-    width = timm_width(state)
+
+def _check_layout(arch: str, width: float, config: Mapping[str, Any]) -> None:
+    """UserError where the supernet's config asks for another layout than the timm network's."""
+    name = TIMM_MODELS[width] if arch == "mobilenetv2" else arch
+    asked = config.get("arch")
+    if asked is not None and asked != arch:
+        raise UserError(f"the timm weights are {name}; they do not fit a {asked} supernet (--arch {arch})")
     stages = config.get("stages")
     if stages is not None and [list(s) for s in stages] != [list(s) for s in MOBILENETV2_STAGES]:
         raise UserError("timm's MobileNetV2 has the full depth; this supernet's stages differ from it "
                         "(depth_multiplier 1.0 builds them)")
     layout = {k: v for k, v in config.items() if k in ("small_input", "se_ratio") and v}
     if layout:
-        raise UserError(f"timm's MobileNetV2 has no {', '.join(layout)}; a supernet built with "
-                        f"{', '.join(f'{k}={v}' for k, v in layout.items())} cannot hold its weights")
+        raise UserError(f"timm's {'MobileNetV2' if arch == 'mobilenetv2' else arch} has no {', '.join(layout)}; a "
+                        f"supernet built with {', '.join(f'{k}={v}' for k, v in layout.items())} cannot hold its "
+                        "weights")
     trunk = config.get("trunk_width")
     if config.get("slim_from") is not None and trunk is not None and abs(trunk - width) > 1e-6:
-        raise UserError(f"the timm weights are {TIMM_MODELS[width]}, of width {width} in every layer; a gate-aware "
-                        f"supernet with trunk_width {trunk} cannot hold them (leave trunk_width at the largest width)")
-    widths = list(widths) if widths is not None else [w for w in DEFAULT_WIDTHS if w < width - 1e-9] + [width]
+        raise UserError(f"the timm weights are {name}, of width {width} in every layer; a gate-aware supernet with "
+                        f"trunk_width {trunk} cannot hold them (leave trunk_width at the largest width)")
+
+
+def from_timm(source: nn.Module | Mapping[str, torch.Tensor], widths: list[float] | None = None,
+              num_classes: int | None = None, **config: Any) -> SlimNetwork:
+    """A supernet whose largest width computes the timm network `source` (a MobileNetV2 or a ResNet-18/34/50, as a
+    model or its state dict) exactly.
+
+    `widths` must end at the timm model's width (default: the architecture's standard widths below it, then it).
+    With another `num_classes` than the timm model's, the classifier is re-initialised, as timm's `pretrained=True`
+    does. Other keywords go to the supernet's config (e.g. `dropout`, `img_size`); the layout must stay timm's.
+    """
+    state = source.state_dict() if isinstance(source, nn.Module) else dict(source)
+    arch, width = timm_arch(state)
+    _check_layout(arch, width, config)
+    defaults = DEFAULT_WIDTHS if arch == "mobilenetv2" else DEFAULT_RESNET_WIDTHS
+    widths = list(widths) if widths is not None else [w for w in defaults if w < width - 1e-9] + [width]
+    name = TIMM_MODELS[width] if arch == "mobilenetv2" else arch
     if abs(widths[-1] - width) > 1e-6:
-        raise UserError(f"the timm weights are {TIMM_MODELS[width]} (width {width}); the supernet's widths must "
-                        f"end at {width}, not {widths[-1]}")
-    timm_classes = state["classifier.weight"].shape[0]
-    model = create_supernet(widths=widths, num_classes=num_classes or timm_classes, **config)
+        raise UserError(f"the timm weights are {name} (width {width}); the supernet's widths must end at {width}, "
+                        f"not {widths[-1]}")
+    classifier = CLASSIFIERS[arch]
+    timm_classes = state[f"{classifier}.weight"].shape[0]
+    model = create_model({**config, "arch": arch, "widths": widths, "num_classes": num_classes or timm_classes})
     own = model.state_dict()
     with torch.no_grad():
         for key, value in state.items():
-            if key.startswith("classifier.") and own[key].shape != value.shape:
+            if key.startswith(f"{classifier}.") and own[key].shape != value.shape:
                 continue  # another number of classes: the supernet's own initialisation stays
             own[key].copy_(value.expand_as(own[key]) if key.endswith(STATISTICS) else value)
     return model
 
 
 def load_timm_weights(name_or_file: str) -> dict[str, torch.Tensor]:
-    """A timm MobileNetV2 state dict from a file (a plain state dict, or one under 'state_dict' or 'model'), or
-    timm's pretrained weights of a model name where a model hub can be reached."""
+    """A timm state dict from a file (a plain state dict, or one under 'state_dict' or 'model'), or timm's
+    pretrained weights of a model name where a model hub can be reached."""
     if os.path.isfile(name_or_file):
         try:
             state = torch.load(name_or_file, map_location="cpu", weights_only=True)
@@ -84,9 +116,9 @@ def load_timm_weights(name_or_file: str) -> dict[str, torch.Tensor]:
         if not isinstance(state, dict):
             raise UserError(f"{name_or_file!r} holds no state dict")
         return state
-    if name_or_file not in TIMM_MODELS.values():
-        raise UserError(f"--init-timm {name_or_file!r} is neither a file nor one of timm's "
-                        f"{', '.join(TIMM_MODELS.values())}")
+    names = (*TIMM_MODELS.values(), *TIMM_RESNETS)
+    if name_or_file not in names:
+        raise UserError(f"--init-timm {name_or_file!r} is neither a file nor one of timm's {', '.join(names)}")
     import timm
 
     try:
@@ -97,12 +129,12 @@ def load_timm_weights(name_or_file: str) -> dict[str, torch.Tensor]:
                         "as a state-dict file to --init-timm") from None
 
 
-def supernet_from_timm(name_or_file: str, config: dict[str, Any]) -> DSMobileNetV2:
+def supernet_from_timm(name_or_file: str, config: dict[str, Any]) -> SlimNetwork:
     """`--init-timm`: the supernet of run config `config` (a `model_config`) from timm weights, saying so when the
     classifier is re-initialised."""
     state = load_timm_weights(name_or_file)
     model = from_timm(state, **config)
-    timm_classes = state["classifier.weight"].shape[0]
+    timm_classes = state[f"{CLASSIFIERS[model.arch]}.weight"].shape[0]
     if timm_classes != config["num_classes"]:
         print(f"--init-timm: classifier re-initialised ({timm_classes} classes in the timm weights, "
               f"{config['num_classes']} here)")

@@ -27,6 +27,11 @@ def small_model(**overrides):
     return dsnet.create_supernet(**{**DIGITS_MODEL, "widths": [0.5, 0.75, 1.0], "img_size": 16, **overrides}).eval()
 
 
+def small_resnet():
+    torch.manual_seed(0)
+    return dsnet.create_model(arch="resnet20", widths=[0.5, 0.75, 1.0], num_classes=10, img_size=16).eval()
+
+
 def settings_of(model, img_size=16):
     return {"network": network_description(model), "img_size": img_size, "batch_size": 1, "threads": 1,
             "device": "cpu", "runtime": "torch"}
@@ -35,20 +40,30 @@ def settings_of(model, img_size=16):
 TIMED = []  # every entry the fake table's clock timed
 
 
-@pytest.fixture(scope="module")
-def fake_table():
-    model = small_model()
+def table_of(model, timed=None):
+    """The fake clock's table of `model`; each entry it times is appended to `timed`."""
     builder = TableBuilder(model, 16, 1, model.widths, min_channels=8)
 
     def counting(entries):
-        TIMED.extend(entries)
+        (timed if timed is not None else []).extend(entries)
         return fake_seconds(entries)
 
     return model, LatencyTable(build_table(builder, counting, settings_of(model)), "fake")
 
 
-def test_a_plan_is_predicted_as_the_sum_of_its_parts(fake_table):
-    model, table = fake_table
+@pytest.fixture(scope="module")
+def fake_table():
+    return table_of(small_model(), TIMED)
+
+
+@pytest.fixture(scope="module", params=["mobilenetv2", "resnet20"])
+def any_fake_table(request, fake_table):
+    """The fake table of a MobileNetV2 and of a ResNet (whose parts include shortcut downsamplings)."""
+    return fake_table if request.param == "mobilenetv2" else table_of(small_resnet())
+
+
+def test_a_plan_is_predicted_as_the_sum_of_its_parts(any_fake_table):
+    model, table = any_fake_table
     # The line fitted from the parts' sums to the whole networks: the whole pays one call instead of one per part.
     parts = len(model.export_parts(model.largest, 0))
     assert table.scale == pytest.approx(1.0, abs=1e-9)
@@ -62,16 +77,19 @@ def test_a_plan_is_predicted_as_the_sum_of_its_parts(fake_table):
         assert table.predict(plan) == pytest.approx(whole, rel=1e-9)
 
 
-def test_the_parts_chain_into_the_whole_network(fake_table):
-    model, _ = fake_table
+def test_the_parts_chain_into_the_whole_network(any_fake_table):
+    model, _ = any_fake_table
     plan = model.resolve_width({n: max(1, m // 2 + 1) for n, m in zip(model.group_names, model.max_channels)})
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        h, block_input = x, None
+        h, block_input, shortcut = x, None, None
         for part in model.export_parts(plan, model.stats_slot(model.largest)):
+            if part.name.endswith(".downsample"):
+                shortcut = part(block_input)
+                continue
             if part.name.endswith(".features"):
-                block_input = h
-            h = part(h, block_input if part.skip else None)
+                block_input = shortcut = h
+            h = part(h, shortcut if part.skip else None)
         torch.testing.assert_close(h, deployed_network(model, plan)(x), rtol=1e-5, atol=1e-5)
 
 

@@ -34,6 +34,18 @@ def test_the_largest_width_is_the_timm_network(width):
     assert all(torch.equal(round_trip[k], v) for k, v in reference.state_dict().items())
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_the_largest_width_is_the_timm_resnet(one_thread, name):
+    reference = timm_model(name)
+    model = dsnet.from_timm(reference).eval()
+    assert model.arch == name and model.widths == (0.25, 0.5, 0.75, 1.0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max().item() <= 1e-5
+        round_trip = dsnet.export_subnet(model, 1.0).state_dict()
+    assert all(torch.equal(round_trip[k], v) for k, v in reference.state_dict().items())
+
+
 def test_another_number_of_classes_reinitialises_only_the_classifier():
     state = timm_model("mobilenetv2_050", num_classes=1000).state_dict()
     model = dsnet.from_timm(state, widths=[0.35, 0.5], num_classes=10)
@@ -43,7 +55,11 @@ def test_another_number_of_classes_reinitialises_only_the_classifier():
 
 
 @pytest.mark.parametrize("source,kwargs,message", [
-    ("resnet18", {}, "not a timm MobileNetV2 state dict: it has no 'classifier.weight'"),
+    ("vit_tiny_patch16_224", {}, "not a timm MobileNetV2 or ResNet state dict: it has neither 'classifier.weight'"),
+    ("resnet26", {}, "not the state dict of a timm resnet18, resnet34, resnet50"),
+    ("resnet18", {"arch": "resnet50"}, "the timm weights are resnet18; they do not fit a resnet50 supernet"),
+    ("resnet18", {"small_input": True}, "timm's resnet18 has no small_input"),
+    ("resnet50", {"widths": [0.5, 0.75]}, "the supernet's widths must end at 1.0, not 0.75"),
     ("mobilenetv2_110d", {}, "not the state dict of a timm MobileNetV2 of widths [0.35, 0.5, 0.75, 1.0, 1.4]"),
     ("mobilenetv2_050", {"widths": [0.35, 1.0]}, "the supernet's widths must end at 0.5, not 1.0"),
     ("mobilenetv2_050", {"small_input": True}, "timm's MobileNetV2 has no small_input"),

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
-from ..mobilenetv2 import DSMobileNetV2
+from ..supernet import SlimNetwork
 from .cuts import Keep
 from .groups import ChannelGroup
 from .permute import channel_masks
@@ -47,7 +47,7 @@ class PruneSettings:
 
 @dataclass
 class Context:
-    model: DSMobileNetV2  # the copy being pruned
+    model: SlimNetwork  # the copy being pruned
     groups: list[ChannelGroup]
     loader: torch.utils.data.DataLoader  # training batches
     settings: PruneSettings

@@ -21,7 +21,7 @@ import torch.fx
 import torch.nn as nn
 
 from ..export import export_subnet
-from ..mobilenetv2 import DSMobileNetV2
+from ..supernet import SlimNetwork
 
 # torchvision's SqueezeExcitation names its convolutions fc1/fc2; the supernet names them as timm does.
 _SUPERNET_NAMES = {".se.fc1.": ".se.conv_reduce.", ".se.fc2.": ".se.conv_expand."}
@@ -152,24 +152,10 @@ def trace_channel_spaces(network: nn.Module) -> list[dict]:
     return list(found.values())
 
 
-def supernet_producers(model: DSMobileNetV2) -> dict[str, set[str]]:
-    """The layers that write each channel group, from the supernet's block layout."""
-    producers: dict[str, set[str]] = {name: set() for name in model.group_names}
-    producers["stem"].add("conv_stem")
-    for spec in model.block_specs:
-        if spec.hidden_group is None:
-            producers[model.group_names[spec.out_group]].add(f"{spec.name}.conv_pw")
-        else:
-            producers[model.group_names[spec.hidden_group]].add(f"{spec.name}.conv_pw")
-            producers[model.group_names[spec.out_group]].add(f"{spec.name}.conv_pwl")
-    producers["head"].add("conv_head")
-    return producers
-
-
-def derive_groups(model: DSMobileNetV2) -> list[ChannelGroup]:
+def derive_groups(model: SlimNetwork) -> list[ChannelGroup]:
     """The coupled channel groups of `model`, traced from its largest width, in the supernet's group order."""
     dense = export_subnet(model, model.largest)
-    by_producers = {frozenset(p): name for name, p in supernet_producers(model).items()}
+    by_producers = {frozenset(p): name for name, p in model.producers().items()}
     groups: dict[str, ChannelGroup] = {}
     for space in trace_channel_spaces(dense):
         # Squeeze-excitation's expand conv writes into the hidden group through the product; it does not name it.

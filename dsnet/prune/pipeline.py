@@ -20,7 +20,7 @@ from ..bn_slots import recalibrate_bn
 from ..export import export_subnet
 from ..madds import count_madds, count_params
 from ..metrics import batch_sums, metric_sums, summarize
-from ..mobilenetv2 import DSMobileNetV2
+from ..supernet import SlimNetwork
 from ..widths import WidthPlan
 from .base import Context, Outcome, PruneSettings
 from .cuts import Keep, floor_of, global_cut_for_target, uniform_cut_for_target, uniform_keep
@@ -105,7 +105,7 @@ def finetune(network: nn.Module, loader, epochs: int, lr: float, device: torch.d
     network.eval()
 
 
-def prune_supernet(model: DSMobileNetV2, settings: PruneSettings, train_loader, calibration: Sequence[torch.Tensor],
+def prune_supernet(model: SlimNetwork, settings: PruneSettings, train_loader, calibration: Sequence[torch.Tensor],
                    val_loader, img_size: int, finetune_epochs: int = 0, finetune_lr: float = 0.01,
                    log: Callable[[str], None] = print,
                    latency: Callable[[WidthPlan], float] | None = None) -> PruneResult:
