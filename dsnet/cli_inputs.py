@@ -15,7 +15,7 @@ from .config import recorded_config
 from .errors import UserError
 from .data import DATASETS, DataOptions
 from .gate import GatedDSNet
-from .mobilenetv2 import DSMobileNetV2
+from .supernet import SlimNetwork
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +57,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def open_checkpoint(path: str, weights: str | None, gated: bool | None = False
-                    ) -> tuple[dict[str, Any], DSMobileNetV2 | GatedDSNet, str]:
+                    ) -> tuple[dict[str, Any], SlimNetwork | GatedDSNet, str]:
     """The checkpoint's state, its network (eval mode, on CPU) and the name of the weights used. The network is the
     supernet, with `gated` the gated network of a stage-II checkpoint, with ``gated=None`` whichever it holds."""
     state = load_checkpoint(path)
@@ -73,16 +73,17 @@ def open_checkpoint(path: str, weights: str | None, gated: bool | None = False
     return state, supernet_from_checkpoint(state, weights), weights
 
 
-def input_size(state: dict[str, Any], model: DSMobileNetV2) -> int:
+def input_size(state: dict[str, Any], model: SlimNetwork) -> int:
     """The image size the run trained at (MAdds and test inputs use it)."""
     return int(recorded_config(state).get("img_size", model.config.img_size))
 
 
-def training_data_options(state: dict[str, Any], model: DSMobileNetV2, data: str | None = None,
+def training_data_options(state: dict[str, Any], model: SlimNetwork | None, data: str | None = None,
                           data_dir: str | None = None) -> DataOptions:
     """The data options of the checkpoint's run, with the dataset and its root optionally overridden."""
     values = recorded_config(state)
-    values.setdefault("img_size", model.config.img_size)
+    if model is not None:
+        values.setdefault("img_size", model.config.img_size)
     if data is not None and data != values.get("data"):
         values["data"], values["data_dir"] = data, None  # the recorded directory belongs to the recorded dataset
     if data_dir is not None:

@@ -34,9 +34,9 @@ from .gate import GatedDSNet
 from .latency import LatencyTable, read_table_for
 from .madds import count_madds, count_params
 from .metrics import batch_sums, metric_sums, summarize
-from .mobilenetv2 import DSMobileNetV2
 from .plans import load_plan
 from .report import Latency, Report, format_table, report_json, rows_csv, validate_report
+from .supernet import SlimNetwork
 from .widths import WidthPlan
 from .timing import median_seconds
 
@@ -68,12 +68,12 @@ def measure_latency_ms(module: torch.nn.Module, input_shape: tuple[int, ...], de
     return median_seconds([lambda: module(x)], repeats, warmup, device)[0] * 1e3
 
 
-def subnet_label(model: DSMobileNetV2, plan: WidthPlan) -> str:
+def subnet_label(model: SlimNetwork, plan: WidthPlan) -> str:
     """A row's label: the width choice as a report prints it ("0.35", "1"), or "plan"."""
     return f"{model.widths[plan.choice]:g}" if plan.choice is not None else "plan"
 
 
-def subnet_row(model: DSMobileNetV2, plan: WidthPlan, loader: Iterable, device: torch.device, img_size: int, *,
+def subnet_row(model: SlimNetwork, plan: WidthPlan, loader: Iterable, device: torch.device, img_size: int, *,
                label: str | None = None, calibration: list | None = None, latency: LatencyOptions | None = None,
                progress: tqdm | None = None) -> dict[str, Any]:
     """Measure the supernet at one width: a report row.
@@ -161,7 +161,7 @@ def dynamic_row(gated: GatedDSNet, loader: Iterable, device: torch.device, img_s
     return row
 
 
-def static_curve_neighbours(model: DSMobileNetV2, madds: float, img_size: int) -> list[WidthPlan]:
+def static_curve_neighbours(model: SlimNetwork, madds: float, img_size: int) -> list[WidthPlan]:
     """The uniform widths whose MAdds bracket `madds`: the two neighbours, or one where `madds` equals a width's
     MAdds or lies outside the widths' range."""
     costs = [count_madds(model, plan, img_size) for plan in model.choice_plans]
@@ -269,7 +269,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             check_output_path(path, f"--{flag}")
 
 
-def choice_plan(model: DSMobileNetV2, width: float) -> WidthPlan:
+def choice_plan(model: SlimNetwork, width: float) -> WidthPlan:
     index = model.choice_index(width)
     if index is None:
         choices = ", ".join(f"{w:g}" for w in model.widths)
@@ -277,7 +277,7 @@ def choice_plan(model: DSMobileNetV2, width: float) -> WidthPlan:
     return model.choice_plans[index]
 
 
-def subnets_to_measure(args: argparse.Namespace, model: DSMobileNetV2) -> list[tuple[WidthPlan, str | None]]:
+def subnets_to_measure(args: argparse.Namespace, model: SlimNetwork) -> list[tuple[WidthPlan, str | None]]:
     """(plan, label) of every row, in order."""
     if args.mode == "sweep":
         if args.widths:
@@ -371,7 +371,7 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, freed_me
     return report
 
 
-def add_predicted_latency(report: dict[str, Any], table: LatencyTable, network: DSMobileNetV2 | GatedDSNet,
+def add_predicted_latency(report: dict[str, Any], table: LatencyTable, network: SlimNetwork | GatedDSNet,
                           source: str) -> None:
     """Each row's predicted latency in milliseconds; a dynamic row's is the mean of its images' routes'."""
     model = network.supernet if isinstance(network, GatedDSNet) else network

@@ -10,7 +10,7 @@ import yaml
 
 from .errors import UserError
 from .files import write_text_atomic
-from .mobilenetv2 import DSMobileNetV2
+from .supernet import SlimNetwork
 from .widths import WidthPlan
 
 
@@ -30,7 +30,7 @@ def read_plan_file(path: str | os.PathLike) -> dict[str, int]:
     return data
 
 
-def load_plan(model: DSMobileNetV2, path: str | os.PathLike) -> WidthPlan:
+def load_plan(model: SlimNetwork, path: str | os.PathLike) -> WidthPlan:
     """Read a plan file and validate it against `model` (UserError naming the layer and allowed values)."""
     try:
         return model.resolve_width(read_plan_file(path))

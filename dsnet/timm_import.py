@@ -101,7 +101,7 @@ def from_timm(source: nn.Module | Mapping[str, torch.Tensor], widths: list[float
     return model
 
 
-def load_timm_weights(name_or_file: str) -> dict[str, torch.Tensor]:
+def load_timm_weights(name_or_file: str, flag: str = "--init-timm") -> dict[str, torch.Tensor]:
     """A timm state dict from a file (a plain state dict, or one under 'state_dict' or 'model'), or timm's
     pretrained weights of a model name where a model hub can be reached."""
     if os.path.isfile(name_or_file):
@@ -118,7 +118,7 @@ def load_timm_weights(name_or_file: str) -> dict[str, torch.Tensor]:
         return state
     names = (*TIMM_MODELS.values(), *TIMM_RESNETS)
     if name_or_file not in names:
-        raise UserError(f"--init-timm {name_or_file!r} is neither a file nor one of timm's {', '.join(names)}")
+        raise UserError(f"{flag} {name_or_file!r} is neither a file nor one of timm's {', '.join(names)}")
     import timm
 
     try:
@@ -126,16 +126,16 @@ def load_timm_weights(name_or_file: str) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - no network, no hub, or a hub error
         raise UserError(f"cannot download timm's pretrained {name_or_file} here "
                         f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); pass its weights "
-                        "as a state-dict file to --init-timm") from None
+                        f"as a state-dict file to {flag}") from None
 
 
-def supernet_from_timm(name_or_file: str, config: dict[str, Any]) -> SlimNetwork:
-    """`--init-timm`: the supernet of run config `config` (a `model_config`) from timm weights, saying so when the
-    classifier is re-initialised."""
-    state = load_timm_weights(name_or_file)
+def supernet_from_timm(name_or_file: str, config: dict[str, Any], flag: str = "--init-timm") -> SlimNetwork:
+    """`--init-timm` (or another `flag`): the supernet of run config `config` (a `model_config`) from timm weights,
+    saying so when the classifier is re-initialised."""
+    state = load_timm_weights(name_or_file, flag)
     model = from_timm(state, **config)
     timm_classes = state[f"{CLASSIFIERS[model.arch]}.weight"].shape[0]
     if timm_classes != config["num_classes"]:
-        print(f"--init-timm: classifier re-initialised ({timm_classes} classes in the timm weights, "
+        print(f"{flag}: classifier re-initialised ({timm_classes} classes in the timm weights, "
               f"{config['num_classes']} here)")
     return model

@@ -204,3 +204,42 @@ def test_a_gate_on_a_resnet_is_refused_in_one_line(resnet20_checkpoint, tmp_path
     code, _, err = run_command(train_main, ["--stage", "gate", "--init", resnet20_checkpoint, "--epochs", "1",
                                             "--output", tmp_path / "gate"], capsys)
     assert code == 2 and err.count("\n") == 1 and "gates run on MobileNetV2 supernets" in err, err
+
+
+def test_prune_an_ordinary_timm_resnet(one_thread, tmp_path):
+    """python -m dsnet.prune --from-timm: no supernet checkpoint, the timm network itself is scored, cut to half its
+    MAdds (counted by fvcore on timm's model and on the written network) and exported."""
+    import json
+
+    from dsnet.prune.__main__ import main as prune_main
+
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet18", num_classes=10).eval()
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    out = tmp_path / "pruned"
+    assert prune_main(["--from-timm", str(tmp_path / "resnet18.pth"), "--arch", "resnet18", "--data", "digits",
+                       "--img-size", "16", "--method", "bn-scale", "--target-madds", "0.5", "--epochs", "0",
+                       "--finetune-epochs", "0", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    full = fvcore_conv_linear_madds(reference, 16)
+    assert report["largest"]["madds"] == full and report["arch"] == "resnet18" and report["weights"] == "timm"
+    assert 0.4 * full < report["pruned"]["madds"] <= round(0.5 * full)
+    network = torch.load(out / "model.pt", weights_only=False)
+    assert fvcore_conv_linear_madds(network, 16) == report["pruned"]["madds"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--from-timm", "W", "--arch", "resnet50", "--data", "digits"],
+     "the timm weights are resnet18; they do not fit a resnet50 supernet"),
+    (["--from-timm", "W"], "--from-timm needs --data"),
+    (["--from-timm", "W", "--data", "digits", "--weights", "ema"], "--from-timm has one set"),
+])
+def test_prune_from_timm_bad_input_is_one_line(tmp_path, capsys, flags, message):
+    from conftest import run_command
+    from dsnet.prune.__main__ import main as prune_main
+
+    torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), tmp_path / "w.pth")
+    argv = [str(tmp_path / "w.pth") if f == "W" else f for f in flags]
+    code, _, err = run_command(prune_main, [*argv, "--method", "l1", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()

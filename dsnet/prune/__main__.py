@@ -10,14 +10,17 @@ from ..cli import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_
                    parse_args_with_config, run_main)
 from ..errors import UserError
 from ..files import atomic_path, write_text_atomic
-from ..cli_inputs import (add_checkpoint_args, add_data_args, add_device_arg, input_size, open_checkpoint,
-                          resolve_device, training_data_options)
+from ..archs import ARCHS
+from ..cli_inputs import (add_data_args, add_device_arg, input_size, open_checkpoint, resolve_device,
+                          training_data_options)
 from ..cpu_memory import keep_freed_memory
-from ..data import build_dataset, build_loader, build_transform, calibration_batches
+from ..data import build_dataset, build_loader, build_transform, calibration_batches, num_classes_of
 from ..latency import check_latency_budget, format_ms, parse_latency, read_table_for
 from ..madds import count_madds, count_params
 from ..plans import write_plan_file
 from ..search import narrowest_plan, parse_madds_target
+from ..supernet import SlimNetwork
+from ..timm_import import supernet_from_timm
 from .base import PruneSettings
 from .methods import METHODS
 from .pipeline import prune_supernet
@@ -26,7 +29,8 @@ from .pipeline import prune_supernet
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m dsnet.prune",
-        description="Static pruning of a trained supernet by a published method: on a copy of its largest width, "
+        description="Static pruning by a published method, of a trained supernet (--checkpoint) or of an ordinary "
+                    "timm network (--from-timm): on a copy of the largest width, "
                     "score the channels of every coupled group (with the method's training-time regularizer), "
                     "permute each group so its best channels come first, choose per-group widths (the method's own "
                     "rule, or the cut that meets --target-madds), slice, recalibrate BN, optionally fine-tune, and "
@@ -34,7 +38,18 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("-c", "--config", metavar="YAML",
                         help="settings from a YAML file (configs/prune/*.yaml), keyed by the long option names below "
                              "(method, epochs, finetune_epochs, ...); flags on the command line override them")
-    add_checkpoint_args(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="CKPT", help="dsnet checkpoint (.pth) holding the trained supernet")
+    source.add_argument("--from-timm", metavar="FILE",
+                        help="instead: a timm network's state dict (mobilenetv2_*, resnet18/34/50; read weights-only) "
+                             "or its name where a model hub can be reached; needs --data")
+    parser.add_argument("--weights", choices=("ema", "model"),
+                        help="which weights of the checkpoint to use (default: ema when it has EMA weights, else "
+                             "model)")
+    parser.add_argument("--arch", choices=tuple(ARCHS),
+                        help="with --from-timm: the architecture the weights must be (default: the one they are)")
+    parser.add_argument("--img-size", type=POSITIVE_INT, metavar="S",
+                        help="with --from-timm: the input size (default 224)")
     parser.add_argument("--method", required=True, choices=METHODS,
                         help="l1: Distiller's L1 ranking with AGP; bn-scale: Network Slimming; polarization: the "
                              "Polarization regularizer; taylor: Gate Decorator's Taylor scores with tick-tock; dcp: "
@@ -95,14 +110,33 @@ def check_args(args) -> None:
         raise UserError("--target-latency and --lut go together")
     if args.target_latency is not None and args.target_madds is not None:
         raise UserError("give one target: --target-madds or --target-latency")
+    if args.from_timm is None and (args.arch is not None or args.img_size is not None):
+        raise UserError("--arch and --img-size describe a --from-timm network; a checkpoint records its own")
+    if args.from_timm is not None and args.weights is not None:
+        raise UserError("--weights chooses among a checkpoint's weights; --from-timm has one set")
+    if args.from_timm is not None and args.data is None:
+        raise UserError("--from-timm needs --data (and --data-dir): the images to train, score and fine-tune on")
     if args.polarization_t is not None and args.method != "polarization":
         raise UserError(f"--polarization-t applies to --method polarization, not {args.method}")
+
+
+def network_from_timm(args) -> tuple[dict, SlimNetwork, str]:
+    """`--from-timm`: a supernet whose largest width is the timm network (the pruning runs on that width), and a
+    run config of the data flags, as a checkpoint would record it."""
+    img_size = args.img_size or 224
+    state = {"config": {"data": args.data, "data_dir": args.data_dir, "img_size": img_size}}
+    classes = num_classes_of(build_dataset(training_data_options(state, None), train=False))
+    config = {"num_classes": classes, "img_size": img_size, **({"arch": args.arch} if args.arch else {})}
+    return state, supernet_from_timm(args.from_timm, config, "--from-timm").eval(), "timm"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args_with_config(build_parser(), argv)
     check_args(args)
-    state, model, weights = open_checkpoint(args.checkpoint, args.weights)
+    if args.from_timm is not None:
+        state, model, weights = network_from_timm(args)
+    else:
+        state, model, weights = open_checkpoint(args.checkpoint, args.weights)
     img_size = input_size(state, model)
     largest = count_madds(model, model.largest, img_size)
     floor = count_madds(model, narrowest_plan(model, args.min_channels), img_size)
@@ -130,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.target_latency = target_latency
     goal = (f" to a predicted latency ≤ {format_ms(target_latency)} ({table.describe()})" if table else
             f" to MAdds ≤ {target / 1e6:.2f}M" if target else f" at sparsity {args.sparsity:g}")
-    print(f"pruning {args.checkpoint} ({weights} weights) with {args.method}" + goal
+    print(f"pruning {args.checkpoint or args.from_timm} ({weights} weights) with {args.method}" + goal
           + f", {options.data} at {img_size}×{img_size}")
     result = prune_supernet(model, settings, train_loader, calibration, val_loader, img_size, args.finetune_epochs,
                             args.finetune_lr, print, table.predict if table else None)
@@ -140,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     network = result.network.cpu()
     with atomic_path(out / "model.pt") as tmp:
         torch.save(network, tmp)
-    report = dict(method=args.method, checkpoint=str(args.checkpoint), weights=weights, data=options.data,
+    report = dict(method=args.method, checkpoint=None if args.checkpoint is None else str(args.checkpoint),
+                  **({"from_timm": str(args.from_timm), "arch": model.arch} if args.from_timm else {}),
+                  weights=weights, data=options.data,
                   img_size=img_size, rule=result.outcome.rule, target_madds=target,
                   **({"target_latency_s": target_latency, "lut": args.lut,
                       "predicted_latency_s": table.predict(result.plan)} if table else {}),
