@@ -99,9 +99,6 @@ class SlimBlock(nn.Module):
     output) channels; a block with squeeze-excitation adds its reduced channels."""
 
     part_names = ("features", "projection")  # the parts `export_parts` gives, after the block's name
-    # A gate can sit in the block: its output is its projection of the hidden features alone (the gated network
-    # carries only those past the gate).
-    gate_can_split = True
 
     def __init__(self, spec: BlockSpec, se_ratio: float):
         super().__init__()
@@ -175,6 +172,29 @@ class SlimBlock(nn.Module):
 
     def costs(self, widths: tuple[int, ...], costs: Costs) -> None:
         raise NotImplementedError
+
+    # ---- where a gate in this block splits it: the features it reads (at the gate's input width), then the rest
+    # (at the route's width). Here, the gate reads the hidden features and the routes start at the projection.
+
+    def gate_features(self, x: torch.Tensor, widths: tuple[int, ...], norm) -> torch.Tensor:
+        return self.hidden_features(x, widths, norm)
+
+    def gate_channels(self, widths: tuple[int, ...]) -> int:
+        """The channels of `gate_features` at `widths`."""
+        return widths[1]
+
+    def after_gate(self, h: torch.Tensor, widths: tuple[int, ...], norm) -> torch.Tensor:
+        return self.project(h, widths, norm)
+
+    def dense_gate_features(self, widths: tuple[int, ...], slot: int) -> nn.Module:
+        return nn.Sequential(self.dense_hidden(widths, slot))
+
+    def dense_after_gate(self, widths: tuple[int, ...], slot: int) -> nn.Module:
+        return nn.Sequential(self.dense_projection(widths, slot))
+
+    def pre_gate_norms(self) -> list[SlimBatchNorm2d]:
+        """The block's BN layers that run before a gate in it, at the gate's input width."""
+        return [m for m in self.modules() if isinstance(m, SlimBatchNorm2d) and m is not self.projection_norm()]
 
     def producers(self) -> dict[int, list[str]]:
         """The channel-mixing layers (full names) that write each channel group the block writes."""

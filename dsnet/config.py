@@ -102,8 +102,10 @@ KEYS: tuple[Key, ...] = (
         "has none)", str, ("ema", "model")),
     Key("finetune_supernet", False, "stage II: train the supernet's weights with the gate (BN statistics stay "
         "frozen); default: only the gate trains"),
-    Key("gate_block", None, "stage II: the block whose hidden features the gate reads; the first block of a stage. "
-        "The layers after it run at the routed width (default: a gate-aware supernet's slim_from, else blocks.3.0)",
+    Key("gate_block", None, "stage II: the block the gate sits in, the first block of a stage; it reads the block's hidden "
+        "features (a ResNet block's input). "
+        "The layers after it run at the routed width (default: a gate-aware supernet's slim_from, else the first "
+        "block of the middle stage: blocks.3.0 in MobileNetV2, layer3.0 or layer2.0 in a ResNet)",
         str),
     Key("gate_routes", None, "stage II: the widths the gate routes to, a subset of widths (default: gate_num_routes "
         "choices spread from the smallest to the largest)", "floats"),

@@ -68,11 +68,11 @@ def export_gated(gated: GatedDSNet) -> DenseGatedNetwork:
     block = net.block(start)
     trunk = nn.Sequential(net.export_stem(plan, slot))
     trunk.add_module("blocks", nn.Sequential(*net.export_blocks(plan, slot, 0, start)))
-    trunk.add_module("gate_block", nn.Sequential(block.dense_hidden(gated._input_widths, slot)))
+    trunk.add_module("gate_block", block.dense_gate_features(gated._input_widths, slot))
     tails = []
     for route_plan, route_slot, widths in zip(gated.route_plans, slots, gated._route_widths):
         tail = nn.Sequential()
-        tail.add_module("gate_block", nn.Sequential(block.dense_projection(widths, route_slot)))
+        tail.add_module("gate_block", block.dense_after_gate(widths, route_slot))
         tail.add_module("blocks", nn.Sequential(*net.export_blocks(route_plan, route_slot, start + 1)))
         for name, layer in net.export_head(route_plan, route_slot).items():
             tail.add_module(name, layer)

@@ -121,9 +121,6 @@ def check_gate_config(supernet: SlimNetwork, config: GateConfig) -> None:
     def not_choices(values: Sequence[float]) -> list[float]:
         return [w for w in values if supernet.choice_index(float(w)) is None]
 
-    if not any(block.gate_can_split for block in supernet.flat_blocks):
-        raise ValueError(f"gates run on MobileNetV2 supernets: a {supernet.arch} block adds its input to its output "
-                         "after the features a gate reads, and the gated network carries only those")
     choices = ", ".join(f"{w:g}" for w in supernet.widths)
     if not config.routes:
         raise ValueError("the gate needs at least one route")
@@ -177,7 +174,7 @@ class GatedDSNet(nn.Module):
         # The gate block's widths before the gate (input width) and after it (each route's projection width).
         self._input_widths = block.widths(self.input_plan.channels)
         self._route_widths = [block.widths(plan.channels) for plan in self.route_plans]
-        channels, se_channels = self._input_widths[1], self._input_widths[3]
+        channels, se_channels = block.gate_channels(self._input_widths), self._input_widths[3]
         if block.se is not None:  # the gate takes over the block's squeeze-excitation as its attention head
             self.gate = DoubleHeadedGate(channels, se_channels, len(self.route_plans), attention="sigmoid")
         else:
@@ -210,7 +207,7 @@ class GatedDSNet(nn.Module):
         norm = SlotNorm(plan.choice)
         x = net.forward_stem(x, plan, norm)
         x = net.forward_blocks(x, plan, norm, 0, self.gate_index)
-        return net.block(self.gate_index).hidden_features(x, self._input_widths, norm)
+        return net.block(self.gate_index).gate_features(x, self._input_widths, norm)
 
     def _pre_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything before the gate, at the input width; returns the attended features and the route logits."""
@@ -234,7 +231,7 @@ class GatedDSNet(nn.Module):
 
     def _after_gate(self, h: torch.Tensor, plan: WidthPlan, gate_block_widths: tuple[int, ...], norm) -> torch.Tensor:
         net = self.supernet
-        x = net.block(self.gate_index).project(h, gate_block_widths, norm)
+        x = net.block(self.gate_index).after_gate(h, gate_block_widths, norm)
         x = net.forward_blocks(x, plan, norm, self.gate_index + 1)
         return net.forward_head(net.forward_head_features(x, plan, norm))
 
@@ -320,9 +317,7 @@ class GatedDSNet(nn.Module):
         net = self.supernet
         blocks = [net.block(i) for i in range(self.gate_index)]
         norms = [net.bn1] + [m for b in blocks for m in b.modules() if isinstance(m, SlimBatchNorm2d)]
-        projection = net.block(self.gate_index).projection_norm()
-        return norms + [m for m in net.block(self.gate_index).modules()
-                        if isinstance(m, SlimBatchNorm2d) and m is not projection]
+        return norms + net.block(self.gate_index).pre_gate_norms()
 
     def post_gate_norms(self) -> list[SlimBatchNorm2d]:
         before = {id(m) for m in self.pre_gate_norms()}

@@ -28,7 +28,6 @@ class ResidualBlock(SlimBlock):
     costs and dense layers of the main path, from each convolution's (group read, group written)."""
 
     part_names = ("features", "projection", "downsample")
-    gate_can_split = False  # the output also needs the block's input, for the shortcut
     timm_block: type[nn.Module]
     convs: tuple[str, ...]  # the main path's convolutions, in order; bn{i} follows conv{i}
 
@@ -142,6 +141,27 @@ class ResidualBlock(SlimBlock):
             costs.conv(f"{name}.downsample.0", self.downsample[0], widths[0], widths[2])
             costs.bn(f"{name}.downsample.1", widths[2])
             assert costs.size == out_size
+
+    # A gate in a ResNet block reads the block's input, and the whole block runs at the route's width: its output
+    # needs that input for the shortcut, and the gated network carries one tensor past the gate.
+
+    def gate_features(self, x, widths, norm):
+        return x
+
+    def gate_channels(self, widths):
+        return widths[0]
+
+    def after_gate(self, h, widths, norm):
+        return self(h, widths, norm)
+
+    def dense_gate_features(self, widths, slot):
+        return nn.Identity()
+
+    def dense_after_gate(self, widths, slot):
+        return self.export(widths, slot)
+
+    def pre_gate_norms(self):
+        return []
 
     def producers(self) -> dict[int, list[str]]:
         name = self.spec.name

@@ -22,7 +22,7 @@ from .errors import UserError
 from .config import data_options, model_config, recorded_config
 from .data import DataOptions, calibration_batches
 from .distributed import GradSync, always_sync
-from .gate import DEFAULT_GATE_BLOCK, GatedDSNet, GateConfig, check_gate_config, default_routes, insert_gate
+from .gate import GatedDSNet, GateConfig, check_gate_config, default_routes, insert_gate
 from .gate_budget import calibrate_route_bias
 from .latency import format_ms, parse_latency, read_table_for
 from .gate_training import GateLosses, epoch_metrics, evaluate_gated, gate_step, set_trainable, target_madds
@@ -222,7 +222,7 @@ def gate_config_from_run(config: dict[str, Any], supernet: SlimNetwork) -> GateC
     input_width = config["gate_input_width"]
     if input_width is None:
         input_width = supernet.trunk_width if gate_aware else widths[-1]
-    block = config["gate_block"] or (supernet.config.slim_from if gate_aware else DEFAULT_GATE_BLOCK)
+    block = config["gate_block"] or supernet.default_gate_block
     gate = GateConfig(routes=sorted({as_choice(w) for w in routes}), input_width=as_choice(input_width),
                       block=block, se_ratio=config["gate_se_ratio"])
     try:

@@ -187,6 +187,15 @@ class SlimNetwork(ResolvesWidths, BNSlots, nn.Module):
         return [spec.name for spec in self.block_specs if spec.name.endswith(".0")]
 
     @property
+    def default_gate_block(self) -> str:
+        """Where a gate sits unless told: the first block of the middle stage (DS-Net's blocks.3.0 of MobileNetV2's
+        seven stages; layer3.0 of an ImageNet ResNet, layer2.0 of a CIFAR one), or the gate-aware layout's slim_from."""
+        if self.config.slim_from is not None:
+            return self.config.slim_from
+        firsts = self.first_blocks()
+        return firsts[len(firsts) // 2]
+
+    @property
     def trunk_width(self) -> float | None:
         """The one width of every layer before `slim_from` in a gate-aware supernet; None in the ordinary layout."""
         if self.config.slim_from is None:

@@ -268,3 +268,24 @@ def test_polarization_penalty_uses_the_t_it_is_given(t):
     expected = 0.5 * sum(t * g.abs().sum() - (g - g.mean()).abs().sum() for g in gammas)
     assert method.penalty_term().item() == pytest.approx(expected.item(), abs=1e-12)
     assert f"t = {t:g}" in method.phase_settings()
+
+
+def test_dcp_greedy_select_reads_a_kxk_consumer_channel_by_channel():
+    """A 3×3 consumer's unfolded input has 9 columns per channel: the target reads channels 1 and 3 through a 3×3
+    conv, a 1×1 consumer of the same channels reads channel 3, and the shared selection keeps exactly 1 and 3,
+    with every column of the other channels zero."""
+    torch.manual_seed(0)
+    images = torch.randn(6, 4, 5, 5)
+    conv = torch.nn.Conv2d(4, 2, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight[:, [0, 2]] = 0
+    x3 = F.unfold(images, 3, padding=1).transpose(1, 2).reshape(-1, 36)  # (N·25, 4·9), channel-major
+    y3 = x3 @ conv.weight.flatten(1).T
+    x1 = images.permute(0, 2, 3, 1).reshape(-1, 4)
+    y1 = x1[:, [3]] * 2.0
+    selected, (w3, w1) = dcp_greedy_select([(x3, torch.zeros(2, 36), y3), (x1, torch.zeros(1, 4), y1)], keep=2,
+                                           channels=4)
+    assert selected.tolist() == [1, 3]
+    _assert_only_columns(w3, list(range(9, 18)) + list(range(27, 36)))
+    _assert_only_columns(w1, [1, 3])
+    assert F.mse_loss(x3 @ w3.T, y3).item() < 1e-10 and F.mse_loss(x1 @ w1.T, y1).item() < 1e-10

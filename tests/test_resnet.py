@@ -144,10 +144,12 @@ def test_search_and_prune_run_on_a_resnet(one_thread, resnet20_checkpoint, tmp_p
     largest = dsnet.count_madds(model, 1.0, 8)
     assert search_main(["--checkpoint", str(resnet20_checkpoint), "--target-madds", str(int(0.6 * largest)),
                         "--steps", "2", "--eval-batches", "1", "--out", str(tmp_path / "plan.json")]) == 0
-    assert prune_main(["--checkpoint", str(resnet20_checkpoint), "--method", "l1", "--target-madds", "0.5",
-                       "--epochs", "0", "--finetune-epochs", "0", "--out", str(tmp_path / "l1")]) == 0
-    report = json.loads((tmp_path / "l1" / "report.json").read_text())
-    assert 0.4 * largest < report["pruned"]["madds"] <= report["target_madds"] == round(0.5 * largest)
+    for method in ("l1", "dcp"):  # DCP selects the input channels of 3×3 consumers from their unfolded patches
+        assert prune_main(["--checkpoint", str(resnet20_checkpoint), "--method", method, "--target-madds", "0.5",
+                           "--epochs", "0", "--finetune-epochs", "0", "--batch-size", "32", "--score-batches", "1",
+                           "--out", str(tmp_path / method)]) == 0
+        report = json.loads((tmp_path / method / "report.json").read_text())
+        assert 0.4 * largest < report["pruned"]["madds"] <= report["target_madds"] == round(0.5 * largest)
 
 
 def test_prune_groups_of_a_bottleneck_resnet_are_its_channel_groups():
@@ -197,13 +199,49 @@ def test_resnet_flags_that_do_not_fit_are_one_line_errors(tmp_path, capsys, flag
     assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
-def test_a_gate_on_a_resnet_is_refused_in_one_line(resnet20_checkpoint, tmp_path, capsys):
-    from conftest import run_command
+@pytest.mark.parametrize("arch,block", [("resnet20", "layer2.0"), ("resnet50", "layer3.0"), ("resnet18", "layer1.0")])
+def test_a_gated_resnet_runs_each_route_as_the_supernet_and_exports_to_it(one_thread, arch, block):
+    """The gate reads the gate block's input and the whole block runs at the route's width (projection shortcut:
+    resnet20, resnet50; identity: resnet18's layer1.0). Each route equals the supernet at the route's plan, and the
+    dense gated network (routing inside) equals the gated network on a batch split over all routes."""
+    from conftest import spread_routes
+    from dsnet.dense_gated import export_gated
+    from dsnet.gate import GateConfig, insert_gate
+
+    model = _supernet(arch)
+    x = torch.randn(12, 3, 32, 32)
+    gated = insert_gate(model, GateConfig(routes=[0.25, 0.5, 1.0], block=block, input_width=1.0), [x], 1)
+    gated = spread_routes(gated.eval(), x)
+    with torch.no_grad():
+        for r, plan in enumerate(gated.route_plans):
+            torch.testing.assert_close(gated(x, route=r), model(x, width=plan), rtol=0, atol=1e-5)
+        logits, info = gated(x, return_info=True)
+        assert len(set(info.routes.tolist())) == 3
+        dense_logits, dense_routes = export_gated(gated)(x)
+    assert torch.equal(dense_routes, info.routes)
+    torch.testing.assert_close(dense_logits, logits, rtol=0, atol=1e-5)
+
+
+def test_stage_two_trains_a_gate_on_a_resnet_that_eval_and_export_run(one_thread, resnet20_checkpoint, tmp_path):
+    import json
+
+    from dsnet.evaluate import main as eval_main
+    from dsnet.export import main as export_main
     from dsnet.train import main as train_main
 
-    code, _, err = run_command(train_main, ["--stage", "gate", "--init", resnet20_checkpoint, "--epochs", "1",
-                                            "--output", tmp_path / "gate"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "gates run on MobileNetV2 supernets" in err, err
+    assert train_main(["--stage", "gate", "--init", str(resnet20_checkpoint), "--epochs", "1", "--batch-size", "256",
+                       "--gate-calibration-batches", "2", "--output", str(tmp_path / "gate")]) == 0
+    gate = tmp_path / "gate" / "best.pth"
+    gated = dsnet.load_network(gate)
+    assert gated.config.block == "layer2.0"  # the middle stage's first block
+    report = tmp_path / "eval.json"
+    assert eval_main(["--mode", "dynamic", "--checkpoint", str(gate), "--no-latency", "--no-progress",
+                      "--json", str(report)]) == 0
+    row = json.loads(report.read_text())["rows"][0]
+    madds = gated.route_madds(8)
+    assert madds.min().item() <= row["madds"] <= madds.max().item()
+    # the command reloads the file and checks its logits and routes against the gated network
+    assert export_main(["--checkpoint", str(gate), "--format", "torchscript", "--out", str(tmp_path / "g.ts")]) == 0
 
 
 def test_prune_an_ordinary_timm_resnet(one_thread, tmp_path):

@@ -34,7 +34,8 @@ class AuxiliaryHead(nn.Module):
 
 
 def consumer_inputs(ctx: Context, names: list[str], images: torch.Tensor, masks: Masks) -> dict[str, torch.Tensor]:
-    """The inputs of the consumer layers `names` as rows of channels: `DCP_PIXELS` fixed positions per image."""
+    """The inputs of the consumer layers `names` as rows: `DCP_PIXELS` fixed positions per image, each the channels
+    there (a 1×1 convolution) or the patch a k×k convolution reads there, unfolded channel by channel."""
     captured: dict[str, torch.Tensor] = {}
     modules = {n: ctx.module(n) for n in names}
 
@@ -44,6 +45,10 @@ def consumer_inputs(ctx: Context, names: list[str], images: torch.Tensor, masks:
             if x.dim() == 2:  # the classifier: pooled features, one row per image
                 captured[name] = x
                 return
+            module = modules[name]
+            if module.kernel_size != (1, 1):
+                patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+                x = patches.view(x.shape[0], patches.shape[1], *_output_size(x, module))
             positions = torch.randperm(x.shape[2] * x.shape[3], generator=torch.Generator().manual_seed(0))
             rows = x.flatten(2)[:, :, positions[:DCP_PIXELS].to(x.device)]  # (N, C, P)
             captured[name] = rows.permute(0, 2, 1).reshape(-1, x.shape[1])
@@ -60,11 +65,17 @@ def consumer_inputs(ctx: Context, names: list[str], images: torch.Tensor, masks:
     return captured
 
 
+def _output_size(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, int]:
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+                 zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+
+
 def consumer_weight(module: nn.Module) -> torch.Tensor:
+    """The consumer's weight as (outputs, input channels · kernel positions), the columns of its unfolded input."""
     weight = module.weight.detach()
     if weight.dim() == 4:
-        if weight.shape[2:] != (1, 1):
-            raise ValueError("DCP's per-layer selection needs 1×1 consumers of every group")
+        if module.groups != 1:
+            raise ValueError("DCP's per-layer selection needs dense (not grouped) consumers")
         weight = weight.flatten(1)
     return weight
 
@@ -116,12 +127,13 @@ class DiscriminationAware(UniformMethod):
                 return sum(losses) / len(losses)
 
             selected, weights = dcp_greedy_select(problems, keep[g.name], aux_loss, self.strength,
-                                                  chunk=max(1, math.ceil(keep[g.name] / 16)), steps=10)
+                                                  chunk=max(1, math.ceil(keep[g.name] / 16)), steps=10,
+                                                  channels=g.channels)
             with torch.no_grad():
                 for c, w, (rows, _, _) in zip(g.consumers, weights, problems):
                     # The re-fitted weights replace the originals where the rows determine them well; with fewer
-                    # rows than a few times the kept channels the fit would only memorise the sampled images.
-                    if len(rows) >= 4 * keep[g.name]:
+                    # rows than a few times the kept columns the fit would only memorise the sampled images.
+                    if len(rows) >= 4 * keep[g.name] * (rows.shape[1] // g.channels):
                         module = ctx.module(c)
                         module.weight.copy_(w.view_as(module.weight))
             selected = selected.cpu()

@@ -157,15 +157,19 @@ def dcp_greedy_select(
         lam: float = 1.0,
         chunk: int = 1,
         steps: int = 20,
+        channels: int | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """DCP's greedy channel selection (Zhuang et al., NeurIPS 2018), shared by linear problems on the same inputs.
 
-    Each problem is (X (N, C), W (O, C), Y (N, O)): inputs, original weights (only their shape is used) and the
-    target outputs. Starting from no channel selected and zero weights, repeat until `keep` are selected:
+    Each problem is (X (N, C·k), W (O, C·k), Y (N, O)): inputs, original weights (only their shape is used) and the
+    target outputs, for a layer that reads `channels` (C; default: the first problem's columns, k = 1) input
+    channels, each as k consecutive columns (a k×k convolution's unfolded patches: k = kernel height · width).
+    Starting from no channel selected and zero weights, repeat until `keep` are selected:
 
     1. loss = Σ_p MSE(X_p W_p^T, Y_p) + lam · aux_loss([X_p W_p^T]) (the aux term only if `aux_loss` is given);
-    2. score each input channel c by sqrt(Σ_p ||∂loss/∂W_p[:, c]||²), add the `chunk` best unselected channels;
-    3. re-fit the selected columns: least squares without `aux_loss`; with it, the least-squares solution is the
+    2. score each input channel c by sqrt(Σ_p ||∂loss/∂W_p[:, columns of c]||²), add the `chunk` best unselected
+       channels;
+    3. re-fit the columns of the selected channels: least squares without `aux_loss`; with it, the least-squares solution is the
        start of `steps` gradient-descent steps on the full loss (step 1/L_p, L_p the Lipschitz constant of
        problem p's MSE term).
 
@@ -175,9 +179,10 @@ def dcp_greedy_select(
     problems = [(x.detach(), w.detach(), y.detach()) for x, w, y in problems]
     if not problems:
         raise ValueError("dcp_greedy_select needs at least one problem")
-    channels = problems[0][0].shape[1]
-    if any(x.shape[1] != channels or w.shape[1] != channels for x, w, _ in problems):
-        raise ValueError("every problem must read the same number of input channels")
+    channels = problems[0][0].shape[1] if channels is None else channels
+    if any(x.shape[1] % channels or w.shape[1] != x.shape[1] for x, w, _ in problems):
+        raise ValueError(f"every problem must read the same {channels} input channels, k columns each")
+    per = [x.shape[1] // channels for x, _, _ in problems]
     if not 0 <= keep <= channels:
         raise ValueError(f"keep must be in [0, {channels}], got {keep}")
 
@@ -196,47 +201,49 @@ def dcp_greedy_select(
         while int(selected.sum()) < keep:
             ws = [w.clone().requires_grad_(True) for w in weights]
             grads = torch.autograd.grad(full_loss(ws), ws)
-            score = torch.stack([g.pow(2).sum(0) for g in grads]).sum(0).sqrt()
+            score = torch.stack([g.pow(2).sum(0).view(channels, k).sum(1) for g, k in zip(grads, per)]).sum(0).sqrt()
             score[selected] = -math.inf
             take = min(chunk, keep - int(selected.sum()))
             # A stable sort makes ties (e.g. all-zero gradients) pick the lowest channel index.
             selected[torch.sort(score, descending=True, stable=True).indices[:take]] = True
-            weights = _dcp_refit(problems, selected.nonzero().flatten(), full_loss, aux_loss is not None, steps)
+            idx = selected.nonzero().flatten()
+            columns = [(idx[:, None] * k + torch.arange(k, device=device)).flatten() for k in per]
+            weights = _dcp_refit(problems, columns, full_loss, aux_loss is not None, steps)
 
     return selected.nonzero().flatten(), weights
 
 
 def _dcp_refit(
         problems: list[tuple[Tensor, Tensor, Tensor]],
-        idx: Tensor,
+        columns: list[Tensor],
         full_loss: Callable[[list[Tensor]], Tensor],
         descend: bool,
         steps: int,
 ) -> list[Tensor]:
-    """Least-squares fit of the `idx` columns of each problem, then optional gradient descent on `full_loss`."""
+    """Least-squares fit of the selected `columns` of each problem, then optional gradient descent on `full_loss`."""
     subs = []
-    for x, w, y in problems:
+    for (x, w, y), idx in zip(problems, columns):
         x_sel = x[:, idx].to(y.dtype)
         subs.append(torch.linalg.lstsq(x_sel, y).solution.T.to(w.dtype))  # (O, k)
 
-    def scatter(sub: Tensor, w: Tensor) -> Tensor:
+    def scatter(sub: Tensor, w: Tensor, idx: Tensor) -> Tensor:
         return torch.zeros_like(w).index_copy(1, idx, sub)
 
     if descend and steps > 0:
         # The MSE term of problem p is mean((X W^T − Y)²) over N·O entries: its gradient in W is
         # (2 / (N·O))·(X W^T − Y)^T X, Lipschitz with L_p = 2·σ_max(X_sel)² / (N·O).
         step_sizes = []
-        for x, _, y in problems:
+        for (x, _, y), idx in zip(problems, columns):
             sigma = torch.linalg.matrix_norm(x[:, idx].to(y.dtype), ord=2).item()
             lipschitz = 2.0 * sigma ** 2 / y.numel()
             step_sizes.append(1.0 / lipschitz if lipschitz > 0 else 0.0)
         subs = [s.clone().requires_grad_(True) for s in subs]
         for _ in range(steps):
-            loss = full_loss([scatter(s, w) for s, (_, w, _) in zip(subs, problems)])
+            loss = full_loss([scatter(s, w, idx) for s, (_, w, _), idx in zip(subs, problems, columns)])
             grads = torch.autograd.grad(loss, subs)
             with torch.no_grad():
                 for s, g, step in zip(subs, grads, step_sizes):
                     s -= step * g
         subs = [s.detach() for s in subs]
 
-    return [scatter(s, w) for s, (_, w, _) in zip(subs, problems)]
+    return [scatter(s, w, idx) for s, (_, w, _), idx in zip(subs, problems, columns)]
