@@ -281,3 +281,26 @@ def test_prune_from_timm_bad_input_is_one_line(tmp_path, capsys, flags, message)
     code, _, err = run_command(prune_main, [*argv, "--method", "l1", "--out", tmp_path / "out"], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_timm_export_of_a_resnet50_checkpoint_loads_strictly_into_timm(one_thread, tmp_path, capsys):
+    from conftest import run_command
+    from dsnet.checkpoint import save_checkpoint
+    from dsnet.export import main as export_main
+
+    model = _supernet("resnet50")
+    checkpoint = tmp_path / "resnet50.pth"
+    save_checkpoint(checkpoint, {"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None,
+                                 "config": {"data": "digits", "img_size": 64}})
+    out = tmp_path / "resnet50-timm.pth"
+    assert export_main(["--checkpoint", str(checkpoint), "--width", "1.0", "--format", "timm", "--out", str(out)]) == 0
+    assert "timm model: resnet50" in capsys.readouterr().out
+    reference = timm.create_model("resnet50", num_classes=10).eval()
+    reference.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x), model(x), rtol=0, atol=1e-5)
+    wrong = tmp_path / "half.pth"
+    code, _, err = run_command(export_main, ["--checkpoint", checkpoint, "--width", "0.5", "--format", "timm",
+                                             "--out", wrong], capsys)
+    assert code == 2 and "timm registers resnet50 at width 1.0 only, not 0.5" in err and not wrong.exists()
