@@ -242,7 +242,7 @@ def validate(config: dict[str, Any]) -> None:
 
 
 # Keys added after runs were recorded without them, each with the value those runs had (not today's default).
-RECORDED_BEFORE = {"depth_multiplier": 1.0, "arch": "mobilenetv2"}
+RECORDED_BEFORE = {"depth_multiplier": 1.0, "arch": DEFAULT_ARCH}
 
 
 def recorded_config(state: dict[str, Any]) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def check_gate_config(supernet: SlimNetwork, config: GateConfig) -> None:
         raise ValueError(f"gate routes {bad} are not width choices of the supernet ({choices})")
     if list(config.routes) != sorted(set(config.routes)):
         raise ValueError(f"gate routes must be strictly increasing, got {list(config.routes)}")
-    firsts = [spec.name for spec in supernet.block_specs if spec.name.endswith(".0")]
+    firsts = supernet.first_blocks()
     slim_from = supernet.config.slim_from
     if slim_from is not None:  # gate-aware: the routes are the width choices, which stage I trained
         if config.block != slim_from:

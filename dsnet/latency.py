@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from timm.layers import make_divisible
 
+from .archs import DEFAULT_ARCH
 from .blocks import Part
 from .cpu_memory import keep_freed_memory
 from .cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser, parse_quantity, run_main
@@ -344,7 +345,7 @@ class LatencyTable:
 
     def check(self, model: SlimNetwork, img_size: int) -> None:
         """UserError when the table was made for another network, width set or input size than `model`'s."""
-        ours, theirs = network_description(model), {"arch": "mobilenetv2", **self.data["network"]}
+        ours, theirs = network_description(model), {"arch": DEFAULT_ARCH, **self.data["network"]}
         for key in ours:
             if theirs.get(key) != ours[key]:
                 what = "width set" if key == "widths" else key

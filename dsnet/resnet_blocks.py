@@ -31,11 +31,15 @@ class ResidualBlock(SlimBlock):
     timm_block: type[nn.Module]
     convs: tuple[str, ...]  # the main path's convolutions, in order; bn{i} follows conv{i}
 
+    kernel_sizes: tuple[int, ...]
+    stride_conv: int  # which convolution (counted from 1) has the block's stride, as in timm
+
     def __init__(self, spec: BlockSpec, max_channels: Sequence[int], num_slots: int, bn_args: dict):
         super().__init__(spec, se_ratio=0.0)
         self.se = None
         self.downsample = None
-        for i, (name, (read, write)) in enumerate(zip(self.convs, self.conv_groups()), 1):
+        self.conv_io_groups = self.conv_groups()
+        for i, (name, (read, write)) in enumerate(zip(self.convs, self.conv_io_groups), 1):
             setattr(self, name, SlimConv2d(max_channels[read], max_channels[write], self.kernel_sizes[i - 1],
                                            spec.stride if i == self.stride_conv else 1))
             setattr(self, f"bn{i}", SlimBatchNorm2d(max_channels[write], num_slots, **bn_args))
@@ -43,9 +47,6 @@ class ResidualBlock(SlimBlock):
             self.downsample = nn.Sequential(
                 SlimConv2d(max_channels[spec.in_group], max_channels[spec.out_group], 1, spec.stride),
                 SlimBatchNorm2d(max_channels[spec.out_group], num_slots, **bn_args))
-
-    kernel_sizes: tuple[int, ...]
-    stride_conv: int  # which convolution (counted from 1) has the block's stride, as in timm
 
     def conv_groups(self) -> list[tuple[int, int]]:
         """(group read, group written) of each convolution of the main path."""
@@ -55,7 +56,7 @@ class ResidualBlock(SlimBlock):
         """(input, hidden, output, 0, then the channels of every group the main path writes, conv by conv)."""
         s = self.spec
         return (channels[s.in_group], channels[s.hidden_group], channels[s.out_group], 0,
-                *(channels[write] for _, write in self.conv_groups()))
+                *(channels[write] for _, write in self.conv_io_groups))
 
     def _conv_channels(self, widths: tuple[int, ...]) -> list[tuple[int, int]]:
         """(input, output) channels of each convolution at `widths`."""
@@ -63,9 +64,8 @@ class ResidualBlock(SlimBlock):
         return list(zip((widths[0],) + outs[:-1], outs))
 
     def _main(self, x: torch.Tensor, widths: tuple[int, ...], norm, convs: range) -> torch.Tensor:
-        groups = self.conv_groups()
         for i in convs:
-            x = norm(getattr(self, f"bn{i + 1}"), getattr(self, self.convs[i])(x, widths[4 + i]), groups[i][1])
+            x = norm(getattr(self, f"bn{i + 1}"), getattr(self, self.convs[i])(x, widths[4 + i]), self.conv_io_groups[i][1])
             if i < len(self.convs) - 1:
                 x = F.relu(x, inplace=True)
         return x
@@ -166,7 +166,7 @@ class ResidualBlock(SlimBlock):
     def producers(self) -> dict[int, list[str]]:
         name = self.spec.name
         found: dict[int, list[str]] = {}
-        for conv, (_, write) in zip(self.convs, self.conv_groups()):
+        for conv, (_, write) in zip(self.convs, self.conv_io_groups):
             found.setdefault(write, []).append(f"{name}.{conv}")
         if self.downsample is not None:
             found[self.spec.out_group].append(f"{name}.downsample.0")

@@ -19,18 +19,14 @@ def model_config_from_recipe(path: str) -> dict:
     return model_config(config, classes)
 
 
-def _first_blocks(model) -> list[int]:
-    """The index of each stage's first block: its output is the stage's channels."""
-    return [i for i, spec in enumerate(model.block_specs) if spec.name.endswith(".0")]
-
-
 def summary_rows(model, img_size: int) -> list[dict]:
     rows = []
+    firsts = set(model.first_blocks())  # a stage's first block writes the stage's channels
     for width, plan in zip(model.widths, model.choice_plans):
         rows.append({
             "width": width,
             "stem": plan["stem"],
-            "stages": [plan.channels[model.block_specs[i].out_group] for i in _first_blocks(model)],
+            "stages": [plan.channels[spec.out_group] for spec in model.block_specs if spec.name in firsts],
             "head": plan.channels[model.head_group],
             "params": count_params(model, plan),
             "madds": count_madds(model, plan, img_size),

@@ -46,12 +46,13 @@ def consumer_inputs(ctx: Context, names: list[str], images: torch.Tensor, masks:
                 captured[name] = x
                 return
             module = modules[name]
-            if module.kernel_size != (1, 1):
-                patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-                x = patches.view(x.shape[0], patches.shape[1], *_output_size(x, module))
-            positions = torch.randperm(x.shape[2] * x.shape[3], generator=torch.Generator().manual_seed(0))
-            rows = x.flatten(2)[:, :, positions[:DCP_PIXELS].to(x.device)]  # (N, C, P)
-            captured[name] = rows.permute(0, 2, 1).reshape(-1, x.shape[1])
+            if module.kernel_size == (1, 1):
+                columns = x.flatten(2)  # (N, C, positions)
+            else:
+                columns = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+            positions = torch.randperm(columns.shape[2], generator=torch.Generator().manual_seed(0))
+            rows = columns[:, :, positions[:DCP_PIXELS].to(x.device)]  # (N, C·k, P)
+            captured[name] = rows.permute(0, 2, 1).reshape(-1, columns.shape[1])
         return hook
 
     handles = [m.register_forward_pre_hook(capture(n)) for n, m in modules.items()]
@@ -63,11 +64,6 @@ def consumer_inputs(ctx: Context, names: list[str], images: torch.Tensor, masks:
         for handle in handles:
             handle.remove()
     return captured
-
-
-def _output_size(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, int]:
-    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-                 zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation))
 
 
 def consumer_weight(module: nn.Module) -> torch.Tensor:
