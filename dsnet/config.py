@@ -43,9 +43,10 @@ KEYS: tuple[Key, ...] = (
     Key("overwrite", False, "allow writing into an output directory that holds another run"),
     Key("init", None, "stage II: the stage-I checkpoint to start from; its model and data keys are the defaults",
         str),
-    Key("init_timm", None, "stage I: start from a timm MobileNetV2's weights, a state-dict file or a name "
-        "(mobilenetv2_100, ...; downloaded where a model hub can be reached); needs the full depth, no small-input "
-        "stem and widths ending at its width; another number of classes re-initialises the classifier", str),
+    Key("init_timm", None, "stage I: start from a timm MobileNetV2's or ResNet's weights, a state-dict file or "
+        "a name (mobilenetv2_100, resnet50, ...; downloaded where a model hub can be reached); needs the full "
+        "depth, no small-input stem and widths ending at its width; another number of classes re-initialises the "
+        "classifier", str),
     Key("init_permute", False, "stage I, with init_timm: reorder each coupled channel group of the imported network "
         "by its BN scales |γ|, largest first, so that every narrower width starts from the most important channels"),
     Key("seed", 0, "seed of weights, data order, augmentation and sampled widths", NON_NEGATIVE_INT),
