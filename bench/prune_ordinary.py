@@ -52,6 +52,7 @@ def main() -> None:
     args, train_flags = parser.parse_known_args()
     sys.path.insert(0, str(REPO))
     import dsnet
+    from dsnet.files import write_text_atomic
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +92,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['network']:<40} {r['madds'] / 1e6:>7.2f}M {r['params'] / 1e6:>7.3f}M {r['top1']:>7.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": sys.argv, "rows": rows}, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps({"command": sys.argv, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

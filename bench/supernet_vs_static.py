@@ -43,6 +43,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
     from dsnet.config import model_config, parse_config
+    from dsnet.files import write_text_atomic
     from dsnet.stages import resolve_val_widths, width_label
 
     config, _ = parse_config(flags)
@@ -80,7 +81,7 @@ def main() -> None:
               f"{r['supernet_ema'] - r['static_ema']:>+6.2f}   {r['supernet_live']:>13.2f} "
               f"{r['static_live']:>11.2f} {r['supernet_live'] - r['static_live']:>+6.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=2))
+        write_text_atomic(args.json, json.dumps(table, indent=2) + "\n")
 
 
 if __name__ == "__main__":

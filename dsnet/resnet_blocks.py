@@ -65,7 +65,8 @@ class ResidualBlock(SlimBlock):
 
     def _main(self, x: torch.Tensor, widths: tuple[int, ...], norm, convs: range) -> torch.Tensor:
         for i in convs:
-            x = norm(getattr(self, f"bn{i + 1}"), getattr(self, self.convs[i])(x, widths[4 + i]), self.conv_io_groups[i][1])
+            conv, bn = getattr(self, self.convs[i]), getattr(self, f"bn{i + 1}")
+            x = norm(bn, conv(x, widths[4 + i]), self.conv_io_groups[i][1])
             if i < len(self.convs) - 1:
                 x = F.relu(x, inplace=True)
         return x
