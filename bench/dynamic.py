@@ -36,7 +36,7 @@ from dsnet.cpu_memory import keep_freed_memory
 from dsnet.dense_gated import export_gated, fold_gated, load_torch_export, save_torch_export
 from dsnet.gate import GateConfig, GatedDSNet, default_routes, insert_gate
 from dsnet.export import fold_batch_norms
-from dsnet.timing import median_seconds
+from dsnet.timing import median_seconds, reserve_kernel_cache
 
 from device import add_device_args, describe, setup_device
 
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--exported", action="store_true",
                         help="also time the exported gated network (torch.export and TorchScript) at batch 1")
     args = parser.parse_args()
+    reserve_kernel_cache()  # before the first convolution: the interleaved loop times many networks
     device = setup_device(parser, args)
     kept = not args.system_malloc and keep_freed_memory()
     size = args.img_size

@@ -27,7 +27,7 @@ import torch
 import dsnet
 from dsnet.export import DEFAULT_OPSET, fold_batch_norms, write_export
 from dsnet.mobilenetv2 import TIMM_MODELS
-from dsnet.timing import median_seconds
+from dsnet.timing import median_seconds, reserve_kernel_cache
 
 
 def onnx_session(dense: torch.nn.Module, img_size: int, threads: int, directory: str,
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time the folded subnet under torch.compile")
     args = parser.parse_args()
+    reserve_kernel_cache()  # before the first convolution: the interleaved loop times many networks
     unknown = [w for w in args.widths if w not in TIMM_MODELS]
     if unknown:
         parser.error(f"timm has no mobilenetv2_* of width {unknown}; choose from {sorted(TIMM_MODELS)}")

@@ -24,7 +24,7 @@ import torch
 import dsnet
 from dsnet.export import fold_batch_norms
 from dsnet.files import write_text_atomic
-from dsnet.timing import median_seconds
+from dsnet.timing import median_seconds, reserve_kernel_cache
 
 from export import onnx_session
 
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args()
+    reserve_kernel_cache()  # before the first convolution: the interleaved loop times many networks
     torch.manual_seed(0)
     supernet = dsnet.create_supernet(num_classes=1000, img_size=args.img_size).eval()
     widths = sorted(set(args.widths or supernet.widths) | {1.0})

@@ -38,7 +38,7 @@ from .plans import load_plan
 from .report import Latency, Report, format_table, report_json, rows_csv, validate_report
 from .supernet import SlimNetwork
 from .widths import WidthPlan
-from .timing import median_seconds
+from .timing import median_seconds, reserve_kernel_cache
 
 DEFAULT_RECALIBRATION_BATCHES = 8
 MODES = ("sweep", "static", "dynamic")
@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         return_freed_memory()
         freed_memory_kept = False
+    reserve_kernel_cache()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -14,7 +14,9 @@ call of each part, the handing of one part's output to the next through the cach
 depend on the machine and the runtime more than on the widths, and one line per table models them.
 
 The table is written after every part, atomically; a run stopped part-way resumes where it stopped when it is given
-the same `--out` and settings.
+the same `--out` and settings. The same command on a finished table recalibrates it: the parts are kept and only the
+whole networks are timed again, for the line. The parts' relative costs hold while the machine's speed drifts; the
+line carries the absolute figure, so a recalibration shortly before a table is used keeps it true at little cost.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from .errors import UserError
 from .export import DEFAULT_OPSET, fold_batch_norms
 from .files import write_text_atomic
 from .supernet import SlimNetwork
-from .timing import median_seconds
+from .timing import median_seconds, reserve_kernel_cache
 from .widths import WidthPlan
 
 FORMAT = "dsnet-latency-table"
@@ -414,7 +416,8 @@ def build_parser() -> ArgumentParser:
         prog="python -m dsnet.latency",
         description="Time every part of a supernet's deployed dense network (BN folded) at every width on this "
                     "machine, and write a latency table that predicts the latency of any plan: a width, a searched "
-                    "or pruned plan, a gate's routes. Stopped part-way, it resumes with the same --out.")
+                    "or pruned plan, a gate's routes. Stopped part-way, it resumes with the same --out; run again "
+                    "on a finished table, it recalibrates it: only the whole networks are timed again.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="CKPT", help="a dsnet checkpoint (stage I or II): its supernet")
     source.add_argument("-c", "--config", metavar="RECIPE", help="a train.py recipe: the supernet it would train")
@@ -480,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{model.widths[-1]}, so that every width lies between timed ones")
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as eval.py's latency figures do: a call reuses freed memory instead of page-faulting fresh
+    reserve_kernel_cache()
     settings = {"network": network_description(model), "img_size": img_size, "batch_size": args.batch_size,
                 "threads": args.threads, "device": str(device), "runtime": args.runtime,
                 "timed_widths": widths, "min_channels": args.min_channels,
@@ -489,7 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     builder = TableBuilder(model, img_size, args.batch_size, widths, args.min_channels, device)
     measure = (torch_timer(args.repeats, args.warmup, device) if args.runtime == "torch" else
                onnxruntime_timer(args.repeats, args.warmup, args.threads))
-    if previous:
+    if previous and previous.get("overhead") is not None:
+        print(f"recalibrating {args.out}: its {len(previous['seconds'])} entries are kept, the whole networks are "
+              f"timed again")
+    elif previous:
         print(f"resuming {args.out}: {len(previous['seconds'])} entries already timed")
     table = build_table(builder, measure, settings, args.out, previous, progress=not args.no_progress)
     calibration = ", ".join(f"{c['width']}: {format_ms(c['measured'])}" for c in table["calibration"])

@@ -175,7 +175,8 @@ class _Capture:
         return "", ""
 
 
-def test_the_table_command_writes_a_table_and_resumes(digits_checkpoint, digits_table, tmp_path, capsys):
+def test_the_table_command_writes_a_table_resumes_and_recalibrates(digits_checkpoint, digits_table, tmp_path, capsys,
+                                                                    monkeypatch):
     full = json.loads(digits_table.read_text())
     supernet = dsnet.load_supernet(digits_checkpoint)
     table = LatencyTable.read(digits_table)
@@ -189,14 +190,30 @@ def test_the_table_command_writes_a_table_and_resumes(digits_checkpoint, digits_
     path.write_text(json.dumps(partial))
     with pytest.raises(UserError, match="incomplete"):
         LatencyTable.read(path)
-    code, out, err = run_command(lut.main, ["--checkpoint", digits_checkpoint, "--out", path, "--repeats", "1",
-                                            "--warmup", "0", "--threads", "1", "--widths", "0.35", "1.0",
-                                            "--no-progress"], capsys)
+    command = ["--checkpoint", digits_checkpoint, "--out", path, "--repeats", "1", "--warmup", "0", "--threads", "1",
+               "--widths", "0.35", "1.0", "--no-progress"]
+    code, out, err = run_command(lut.main, command, capsys)
     assert code == 0, err
     assert f"resuming {path}: {len(kept)} entries already timed" in out
     resumed = json.loads(path.read_text())
     assert len(resumed["parts"]) == len(full["parts"])
     assert all(resumed["seconds"][k] == partial["seconds"][k] for k in kept)
+    # Run again on the finished table, it recalibrates: only the whole networks are timed, and the line is fitted
+    # to the new timings of them.
+    timed = []
+    monkeypatch.setattr(lut, "torch_timer", lambda *args: lambda entries: timed.extend(entries) or [
+        2 * e for e in fake_seconds(entries)])
+    code, out, err = run_command(lut.main, command, capsys)
+    assert code == 0, err
+    assert f"recalibrating {path}" in out
+    recalibrated = json.loads(path.read_text())
+    assert recalibrated["seconds"] == resumed["seconds"]
+    assert [sum(p.numel() for p in e.module.parameters()) for e in timed] == [
+        sum(p.numel() for p in deployed_network(supernet, plan).parameters()) for plan in supernet.choice_plans]
+    measured = [c["measured"] for c in recalibrated["calibration"]]
+    assert measured == [2 * s for s in fake_seconds(timed)]
+    scale, overhead = lut.fit_line([c["parts"] for c in recalibrated["calibration"]], measured)
+    assert (recalibrated["scale"], recalibrated["overhead"]) == pytest.approx((scale, overhead))
     # Another batch size is another table: refused, the file left as it is.
     before = path.read_text()
     code, _, err = run_command(lut.main, ["--checkpoint", digits_checkpoint, "--out", path, "--batch-size", "4"],

@@ -1,4 +1,6 @@
 """The shared timing loop: what it runs, in which order, and which interval it attributes to which call."""
+import os
+
 import pytest
 
 from dsnet import timing
@@ -53,3 +55,12 @@ def test_the_median_ignores_a_single_burst(clock):
 def test_no_repeats_is_an_error():
     with pytest.raises(ValueError, match="repeats"):
         timing.median_seconds([lambda: None], repeats=0, warmup=0)
+
+
+def test_reserve_kernel_cache_sets_onednn_capacity_and_keeps_a_users_value(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    timing.reserve_kernel_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "8192"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "300")
+    timing.reserve_kernel_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "300"
