@@ -481,9 +481,19 @@ def main(argv: list[str] | None = None) -> int:
     if widths[0] != model.widths[0] or widths[-1] != model.widths[-1]:
         raise UserError(f"--widths must include the narrowest and widest width choices, {model.widths[0]} and "
                         f"{model.widths[-1]}, so that every width lies between timed ones")
-    torch.set_num_threads(args.threads)
     keep_freed_memory()  # as eval.py's latency figures do: a call reuses freed memory instead of page-faulting fresh
     reserve_kernel_cache()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        _time_table(args, model, img_size, widths, device)
+    finally:
+        torch.set_num_threads(threads_before)  # a caller in the same process keeps its own thread count
+    return 0
+
+
+def _time_table(args, model, img_size: int, widths: list[float], device: torch.device) -> None:
+    """Build, resume or recalibrate the table `args.out` of `model` and print what was written."""
     settings = {"network": network_description(model), "img_size": img_size, "batch_size": args.batch_size,
                 "threads": args.threads, "device": str(device), "runtime": args.runtime,
                 "timed_widths": widths, "min_channels": args.min_channels,
@@ -503,7 +513,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}: {len(table['seconds'])} entries over {len(table['parts'])} parts "
           f"({LatencyTable(table, args.out).describe()}); whole network {calibration}; fitted line "
           f"{table['scale']:.3f} · parts + {format_ms(table['overhead'])}")
-    return 0
 
 
 def _previous_table(path: str, settings: dict[str, Any]) -> dict[str, Any] | None:

@@ -215,11 +215,12 @@ def test_the_table_command_writes_a_table_resumes_and_recalibrates(digits_checkp
     scale, overhead = lut.fit_line([c["parts"] for c in recalibrated["calibration"]], measured)
     assert (recalibrated["scale"], recalibrated["overhead"]) == pytest.approx((scale, overhead))
     # Another batch size is another table: refused, the file left as it is.
-    before = path.read_text()
-    code, _, err = run_command(lut.main, ["--checkpoint", digits_checkpoint, "--out", path, "--batch-size", "4"],
-                               capsys)
+    before, threads = path.read_text(), torch.get_num_threads()
+    code, _, err = run_command(lut.main, ["--checkpoint", digits_checkpoint, "--out", path, "--batch-size", "4",
+                                          "--threads", str(threads + 1)], capsys)
     assert code == 2 and "another batch size" in err and len(err.strip().splitlines()) == 1
     assert path.read_text() == before
+    assert torch.get_num_threads() == threads  # the command's --threads does not outlive it
 
 
 def test_search_with_a_latency_budget(digits_checkpoint, digits_fake_table, tmp_path, capsys):
