@@ -45,8 +45,8 @@ KEYS: tuple[Key, ...] = (
         str),
     Key("init_timm", None, "stage I: start from a timm MobileNetV2's or ResNet's weights, a state-dict file or "
         "a name (mobilenetv2_100, resnet50, ...; downloaded where a model hub can be reached); needs the full "
-        "depth, no small-input stem and widths ending at its width; another number of classes re-initialises the "
-        "classifier", str),
+        "depth, widths ending at its width and, for a ResNet, no small-input stem (a MobileNetV2 takes it: same "
+        "weights at stride 1); another number of classes re-initialises the classifier", str),
     Key("init_permute", False, "stage I, with init_timm: reorder each coupled channel group of the imported network "
         "by its BN scales |γ|, largest first, so that every narrower width starts from the most important channels"),
     Key("seed", 0, "seed of weights, data order, augmentation and sampled widths", NON_NEGATIVE_INT),

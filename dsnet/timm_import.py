@@ -60,7 +60,10 @@ def _check_layout(arch: str, width: float, config: Mapping[str, Any]) -> None:
     if stages is not None and [list(s) for s in stages] != [list(s) for s in MOBILENETV2_STAGES]:
         raise UserError("timm's MobileNetV2 has the full depth; this supernet's stages differ from it "
                         "(depth_multiplier 1.0 builds them)")
-    layout = {k: v for k, v in config.items() if k in ("small_input", "se_ratio") and v}
+    # A MobileNetV2's small-input stem changes two strides and no shape, so it holds timm's weights (computing
+    # another function of them, as fine-tuning at 32 px wants); a ResNet's is a 3×3 conv in place of timm's 7×7.
+    held = ("se_ratio",) if arch == "mobilenetv2" else ("small_input", "se_ratio")
+    layout = {k: v for k, v in config.items() if k in held and v}
     if layout:
         raise UserError(f"timm's {'MobileNetV2' if arch == 'mobilenetv2' else arch} has no {', '.join(layout)}; a "
                         f"supernet built with {', '.join(f'{k}={v}' for k, v in layout.items())} cannot hold its "
@@ -78,7 +81,9 @@ def from_timm(source: nn.Module | Mapping[str, torch.Tensor], widths: list[float
 
     `widths` must end at the timm model's width (default: the architecture's standard widths below it, then it).
     With another `num_classes` than the timm model's, the classifier is re-initialised, as timm's `pretrained=True`
-    does. Other keywords go to the supernet's config (e.g. `dropout`, `img_size`); the layout must stay timm's.
+    does. Other keywords go to the supernet's config (e.g. `dropout`, `img_size`); the layout must stay timm's, but
+    for `small_input=True` on a MobileNetV2: the same weights with the stem and the second stage at stride 1, whose
+    logits are no longer timm's.
     """
     state = source.state_dict() if isinstance(source, nn.Module) else dict(source)
     arch, width = timm_arch(state)

@@ -46,6 +46,22 @@ def test_the_largest_width_is_the_timm_resnet(one_thread, name):
     assert all(torch.equal(round_trip[k], v) for k, v in reference.state_dict().items())
 
 
+def test_a_small_input_mobilenetv2_holds_timms_weights_at_stride_one(one_thread):
+    """With the small-input stem the largest width is timm's network with its stem and its second stage at stride 1:
+    the same tensors, and timm's logits once timm's two strides are set to 1 as well."""
+    reference = timm_model("mobilenetv2_100")
+    model = dsnet.from_timm(reference, small_input=True).eval()
+    own = dsnet.export_subnet(model, 1.0).state_dict()
+    assert own.keys() == reference.state_dict().keys()
+    assert all(torch.equal(own[k], v) for k, v in reference.state_dict().items())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max().item() > 1e-2  # another function of the same weights
+        reference.conv_stem.stride = (1, 1)
+        reference.blocks[1][0].conv_dw.stride = (1, 1)
+        assert (model(x) - reference(x)).abs().max().item() <= 1e-5
+
+
 def test_another_number_of_classes_reinitialises_only_the_classifier():
     state = timm_model("mobilenetv2_050", num_classes=1000).state_dict()
     model = dsnet.from_timm(state, widths=[0.35, 0.5], num_classes=10)
@@ -62,7 +78,7 @@ def test_another_number_of_classes_reinitialises_only_the_classifier():
     ("resnet50", {"widths": [0.5, 0.75]}, "the supernet's widths must end at 1.0, not 0.75"),
     ("mobilenetv2_110d", {}, "not the state dict of a timm MobileNetV2 of widths [0.35, 0.5, 0.75, 1.0, 1.4]"),
     ("mobilenetv2_050", {"widths": [0.35, 1.0]}, "the supernet's widths must end at 0.5, not 1.0"),
-    ("mobilenetv2_050", {"small_input": True}, "timm's MobileNetV2 has no small_input"),
+    ("mobilenetv2_050", {"se_ratio": 0.25}, "timm's MobileNetV2 has no se_ratio"),
     ("mobilenetv2_050", {"stages": [[1, 16, 1, 1]] * 7}, "timm's MobileNetV2 has the full depth"),
 ])
 def test_weights_that_do_not_fit_are_one_line_errors(source, kwargs, message):
