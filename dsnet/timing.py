@@ -13,9 +13,8 @@ def reserve_kernel_cache(capacity: int = 8192) -> None:
     """Let oneDNN keep `capacity` compiled CPU kernels instead of its default 1024 (a value set in the environment is
     kept). `median_seconds` interleaves its calls, and calls of many networks (a latency table's width choices, a
     bench's plans) need more kernels than that: each call would evict the kernels of the calls before it and compile
-    its own again, a cost of tens of percent at batch 1 that a deployed network, whose kernels stay cached, never
-    pays. oneDNN reads the setting when it compiles its first kernel, so call this before the process runs any
-    convolution."""
+    its own again, a large cost at batch 1 that a deployed network, whose kernels stay cached, never pays. oneDNN
+    reads the setting when it compiles its first kernel, so call this before the process runs any convolution."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 

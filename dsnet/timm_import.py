@@ -62,8 +62,8 @@ def _check_layout(arch: str, width: float, config: Mapping[str, Any]) -> None:
                         "(depth_multiplier 1.0 builds them)")
     # A MobileNetV2's small-input stem changes two strides and no shape, so it holds timm's weights (computing
     # another function of them, as fine-tuning at 32 px wants); a ResNet's is a 3×3 conv in place of timm's 7×7.
-    held = ("se_ratio",) if arch == "mobilenetv2" else ("small_input", "se_ratio")
-    layout = {k: v for k, v in config.items() if k in held and v}
+    refused = ("se_ratio",) if arch == "mobilenetv2" else ("small_input", "se_ratio")
+    layout = {k: v for k, v in config.items() if k in refused and v}
     if layout:
         raise UserError(f"timm's {'MobileNetV2' if arch == 'mobilenetv2' else arch} has no {', '.join(layout)}; a "
                         f"supernet built with {', '.join(f'{k}={v}' for k, v in layout.items())} cannot hold its "
