@@ -103,7 +103,7 @@ def main() -> None:
             row["error_recalibrated"] = (scale * table.parts_seconds(plan) + overhead) / real - 1
         held_out = [abs(r["error_recalibrated"]) for r in rows[count:]]
         errors_recalibrated += held_out
-        drift = statistics.median(real / c["measured"] for real, c in zip(measured, table.data["calibration"]))
+        drift = statistics.median(real / c["measured"] for real, c in zip(measured[:count], table.data["calibration"]))
         print(f"batch {batch}: the width choices ran ×{drift:.3f} the time the table measured for them; recalibrated "
               f"beside the plans, the {len(held_out)} random plans' median absolute error is "
               f"{100 * statistics.median(held_out):.1f}%, largest {100 * max(held_out):.1f}%")
