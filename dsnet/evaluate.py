@@ -38,7 +38,7 @@ from .plans import load_plan
 from .report import Latency, Report, format_table, report_json, rows_csv, validate_report
 from .supernet import SlimNetwork
 from .widths import WidthPlan
-from .timing import median_seconds, reserve_kernel_cache
+from .timing import median_seconds, reserve_kernel_cache, torch_threads
 
 DEFAULT_RECALIBRATION_BATCHES = 8
 MODES = ("sweep", "static", "dynamic")
@@ -303,12 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         return_freed_memory()
         freed_memory_kept = False
     reserve_kernel_cache()
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         report = evaluate_checkpoint(args, device, freed_memory_kept)
-    finally:
-        torch.set_num_threads(threads_before)
     print(format_table(report))
     if args.json:
         write_text_atomic(args.json, report_json(report))

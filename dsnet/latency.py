@@ -43,7 +43,7 @@ from .errors import UserError
 from .export import DEFAULT_OPSET, fold_batch_norms
 from .files import write_text_atomic
 from .supernet import SlimNetwork
-from .timing import median_seconds, reserve_kernel_cache
+from .timing import median_seconds, reserve_kernel_cache, torch_threads
 from .widths import WidthPlan
 
 FORMAT = "dsnet-latency-table"
@@ -483,12 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{model.widths[-1]}, so that every width lies between timed ones")
     keep_freed_memory()  # as eval.py's latency figures do: a call reuses freed memory instead of page-faulting fresh
     reserve_kernel_cache()
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         _time_table(args, model, img_size, widths, device)
-    finally:
-        torch.set_num_threads(threads_before)  # a caller in the same process keeps its own thread count
     return 0
 
 

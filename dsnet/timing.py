@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -16,6 +17,18 @@ def reserve_kernel_cache(capacity: int = 8192) -> None:
     its own again, a large cost at batch 1 that a deployed network, whose kernels stay cached, never pays. oneDNN
     reads the setting when it compiles its first kernel, so call this before the process runs any convolution."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` intra-op threads, then give the caller back its own count (a command's `--threads`
+    must not outlive it in the process that called it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def synchronize(device: torch.device | None) -> None:
